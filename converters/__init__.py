@@ -1,0 +1,1 @@
+"""Trained PyTorch checkpoints → verified GGUF files for llama.cpp."""

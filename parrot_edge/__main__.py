@@ -1,0 +1,3 @@
+from parrot_edge.cli import main
+
+raise SystemExit(main())

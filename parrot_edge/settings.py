@@ -1,0 +1,111 @@
+"""All of parrot-edge's configuration, in one model.
+
+Precedence, lowest to highest: defaults < TOML file < `PARROT_EDGE_*` environment < command-line flags.
+The TOML file is `$PARROT_EDGE_CONFIG` if set, else `/etc/parrot-edge/config.toml` or
+`$XDG_CONFIG_HOME/parrot-edge/config.toml`, whichever exists first. Keys are the field names below.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from parrot_edge.errors import ParrotEdgeError
+
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    return Path(os.environ.get(var) or Path.home() / fallback)
+
+
+def config_file() -> Path | None:
+    """The TOML settings file in effect, if any."""
+    explicit = os.environ.get("PARROT_EDGE_CONFIG")
+    if explicit:
+        return Path(explicit)
+    for candidate in (Path("/etc/parrot-edge/config.toml"), _xdg("XDG_CONFIG_HOME", ".config") / "parrot-edge/config.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PARROT_EDGE_", extra="forbid", validate_default=True)
+
+    # -- where things live
+    data_dir: Path = Field(default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share") / "parrot-edge",
+                           description="Model store and state.")
+
+    # -- serving
+    model: str | None = Field(None, description="Model name in the store, or a path to a GGUF; default model if unset.")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="Bearer key; required when binding a non-loopback address.")
+    api_key_file: Path | None = None
+    cors_origins: list[str] = Field(default_factory=list)
+    slots: int | None = Field(None, ge=1, le=256, description="Concurrent sequences; derived from memory if unset.")
+    ctx_per_slot: int | None = Field(None, ge=64, description="Context tokens per slot; derived if unset.")
+    threads: int | None = Field(None, ge=1)
+    prefill_chunk: int = Field(256, ge=16, description="Prompt tokens evaluated per scheduler step per sequence.")
+    queue_size: int = Field(64, ge=0, description="Requests waiting for a slot before 503.")
+    request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take, queueing included.")
+    default_max_tokens: int = Field(512, ge=1)
+
+    # -- kiosk
+    url: str = "http://127.0.0.1:8080"
+    lang: Literal["en", "es"] | None = None
+    kiosk: bool = False
+    teacher_pin: SecretStr | None = None
+    idle_reset_seconds: float = Field(300.0, gt=0)
+    system_prompt_en: str | None = None
+    system_prompt_es: str | None = None
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text().strip() or None
+        return None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings with command-line flags applied on top; flags left as None do not override."""
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        where = config_file()
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ParrotEdgeError(f"invalid settings ({problems}); sources: flags, PARROT_EDGE_* environment"
+                              + (f", {where}" if where else "")) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ParrotEdgeError(f"settings file {config_file()} is not valid TOML: {exc}") from None
