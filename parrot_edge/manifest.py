@@ -96,6 +96,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
+            os.fchmod(out.fileno(), 0o644)  # mkstemp makes it owner-only; a service user must read manifests
             out.write(data)
             out.flush()
             os.fsync(out.fileno())

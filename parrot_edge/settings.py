@@ -7,6 +7,7 @@ The TOML file is `$PARROT_EDGE_CONFIG` if set, else `/etc/parrot-edge/config.tom
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -17,7 +18,15 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from parrot_edge.errors import ParrotEdgeError
 
-LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -29,7 +38,8 @@ def config_file() -> Path | None:
     explicit = os.environ.get("PARROT_EDGE_CONFIG")
     if explicit:
         return Path(explicit)
-    for candidate in (Path("/etc/parrot-edge/config.toml"), _xdg("XDG_CONFIG_HOME", ".config") / "parrot-edge/config.toml"):
+    user_file = _xdg("XDG_CONFIG_HOME", ".config") / "parrot-edge/config.toml"
+    for candidate in (Path("/etc/parrot-edge/config.toml"), user_file):
         if candidate.is_file():
             return candidate
     return None

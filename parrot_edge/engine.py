@@ -1,0 +1,505 @@
+"""The continuous-batching engine: one llama.cpp context serving a whole classroom at once.
+
+The context holds `slots` sequences, each with its own `ctx_per_slot` KV cells. A single worker thread
+owns it and loops over steps; each step puts into one `llama_batch`
+
+  * the next token of every sequence that is generating, and
+  * up to `prefill_chunk` prompt tokens of sequences still reading their prompt (oldest first),
+
+then calls `llama_decode` once and samples every sequence that produced logits with its own native
+sampler chain. A long prompt therefore delays the others' streaming by at most one chunk per step.
+
+A slot keeps the tokens it has evaluated after its request ends. A new request goes to the free slot
+sharing the longest prefix with its prompt, and only the rest of the prompt is evaluated: a student's
+next turn, which re-sends the whole conversation, costs only the new message.
+
+Exactness. With flash attention off, llama.cpp computes a token's K/V identically whatever the batch or
+chunk it is evaluated in, as long as its sequence contributes at least two rows to that batch; a lone row
+(every decode step) takes another kernel path that rounds differently. So prompts are always evaluated in
+pieces of two or more tokens, and when an answer ends, the tokens it generated one by one are evaluated
+again as one piece in idle batch capacity ("refresh"). The cache a slot keeps is then bit-identical to a
+cold evaluation of the same conversation, and reusing it never changes an answer.
+
+Requests wait in arrival order when every slot is busy; the queue is bounded (QueueFull → HTTP 503).
+Results travel to the asyncio side as events on a per-request asyncio.Queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from parrot_edge import llamacpp
+from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.sampling import SamplingParams, build_chain
+from parrot_edge.textstream import TextStream
+
+log = logging.getLogger("parrot_edge.engine")
+
+
+class QueueFull(ParrotEdgeError):
+    def __init__(self, retry_after: int):
+        super().__init__("every slot is busy and the queue is full; retry shortly")
+        self.retry_after = retry_after
+
+
+class PromptTooLong(ParrotEdgeError):
+    def __init__(self, prompt_tokens: int, limit: int):
+        super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {limit} per request; "
+                         "shorten the conversation")
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    deadline: float = float("inf")  # time.monotonic() by which the request must be finished
+
+
+@dataclass
+class Delta:
+    """Text the client may now see (may be empty when a token completed no character)."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens reused from the slot's previous conversation
+    queued_ms: float
+    prompt_ms: float  # admission → first token
+    decode_ms: float  # first token → end
+    error: str | None = None
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        if self.completion_tokens < 2 or not self.decode_ms:
+            return 0.0
+        return (self.completion_tokens - 1) / (self.decode_ms / 1000)
+
+
+class Generation:
+    """A request in the engine; the asyncio side reads `events` and may `cancel()` at any time."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
+        self.id = next(self._ids)
+        self.request = request
+        self.events: asyncio.Queue[Delta | Finished] = asyncio.Queue()
+        self._loop = loop
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self.admitted = 0.0
+        self.first_token = 0.0
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.text = TextStream(request.stop)
+
+    def _emit(self, event: Delta | Finished) -> None:
+        self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # what this sequence's KV cells hold, in order
+    generation: Generation | None = None
+    pending: list[int] = field(default_factory=list)  # tokens to evaluate next (prompt rest, or the last sample)
+    refresh: list[int] = field(default_factory=list)  # an ended answer's tokens, to re-evaluate when idle
+    sampler: object = None
+    last_used: float = 0.0
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: Path
+    n_ctx_train: int
+    n_vocab: int
+    chat_template: str | None
+    bos_text: str
+    eos_text: str
+    add_bos: bool
+    bos_id: int
+
+
+def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, threads: int | None = None,
+                   flash_attention: bool = False):
+    """The llama_context_params the engine runs with (the memory plan's test measures exactly these)."""
+    params = llama.llama_context_default_params()
+    params.n_seq_max = slots
+    params.n_ctx = slots * ctx_per_slot
+    params.n_batch = prefill_chunk + slots  # a step's most: one token per slot plus a prompt chunk
+    params.n_ubatch = min(512, params.n_batch)
+    params.kv_unified = False  # each slot owns its cells: attention never scans other students' tokens
+    params.flash_attn_type = 1 if flash_attention else 0  # off: chunking cannot change numerics (see top)
+    params.no_perf = True
+    if threads:
+        params.n_threads = params.n_threads_batch = threads
+    return params
+
+
+class Engine:
+    def __init__(self, model_path: Path, *, name: str, slots: int, ctx_per_slot: int, threads: int | None = None,
+                 prefill_chunk: int = 256, queue_size: int = 64, flash_attention: bool = False):
+        self._llama = llama = llamacpp.lib()
+        self._model = llamacpp.load_model(model_path)
+        self._vocab = llama.llama_model_get_vocab(self._model)
+        params = context_params(llama, slots=slots, ctx_per_slot=ctx_per_slot, prefill_chunk=prefill_chunk,
+                                threads=threads, flash_attention=flash_attention)
+        self.batch_capacity = params.n_batch
+        self._ctx = llama.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama.llama_model_free(self._model)
+            raise ParrotEdgeError(f"llama.cpp could not create a context of {slots}×{ctx_per_slot} tokens: "
+                                  f"{llamacpp.recent_log() or 'no reason given'}")
+        self._memory = llama.llama_get_memory(self._ctx)
+        self.slots_total = slots
+        self.ctx_per_slot = llama.llama_n_ctx_seq(self._ctx)
+        self.prefill_chunk = prefill_chunk
+        self.queue_size = queue_size
+        self.info = self._read_model_info(name, model_path)
+
+        self._batch = llama.llama_batch_init(self.batch_capacity, 0, 1)
+        self._batch_tokens = np.ctypeslib.as_array(self._batch.token, shape=(self.batch_capacity,))
+        self._batch_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.batch_capacity,))
+        self._batch_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.batch_capacity,))
+        np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.batch_capacity,))[:] = 1
+        self._piece = ctypes.create_string_buffer(256)
+
+        self._slots = [Slot(seq_id=i) for i in range(slots)]
+        self._waiting: collections.deque[Generation] = collections.deque()
+        self._wake = threading.Condition()
+        self._running = True
+        self._service_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
+        self.stats = {"steps": 0, "batch_tokens": 0, "decode_errors": 0}
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="parrot-edge-engine", daemon=True)
+        self._thread.start()
+
+    # -- model facts and tokenisation (thread-safe: the vocabulary is read-only)
+
+    def _read_model_info(self, name: str, path: Path) -> ModelInfo:
+        llama = self._llama
+        template = llama.llama_model_chat_template(self._model, None)
+        bos = llama.llama_vocab_bos(self._vocab)
+        eos = llama.llama_vocab_eos(self._vocab)
+        return ModelInfo(
+            name=name, path=path, n_ctx_train=llama.llama_model_n_ctx_train(self._model),
+            n_vocab=llama.llama_vocab_n_tokens(self._vocab),
+            chat_template=template.decode("utf-8") if template else None,
+            bos_text=self.token_text(bos) if bos >= 0 else "", eos_text=self.token_text(eos) if eos >= 0 else "",
+            add_bos=bool(llama.llama_vocab_get_add_bos(self._vocab)), bos_id=bos,
+        )
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buf = (ctypes.c_int32 * capacity)()
+            n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+            if n >= 0:
+                return buf[:n]
+            capacity = -n
+
+    def token_text(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self._llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+
+    # -- the asyncio side
+
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Generation:
+        """Queue a request; raises PromptTooLong or QueueFull instead of accepting what cannot be served."""
+        if not request.prompt:
+            raise ParrotEdgeError("empty prompt")
+        if len(request.prompt) >= self.ctx_per_slot:
+            raise PromptTooLong(len(request.prompt), self.ctx_per_slot)
+        generation = Generation(request, loop or asyncio.get_running_loop())
+        with self._wake:
+            if not self._running:
+                raise ParrotEdgeError("the engine is shutting down")
+            free = sum(1 for slot in self._slots if slot.generation is None)
+            if len(self._waiting) >= free + self.queue_size:
+                raise QueueFull(self.retry_after())
+            self._waiting.append(generation)
+            self._wake.notify()
+        return generation
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the queue's expected drain time, at least 1."""
+        queued = len(self._waiting) + 1
+        return max(1, round(self._service_seconds * queued / self.slots_total))
+
+    def cancel(self, generation: Generation) -> None:
+        """Stop a request: dropped from the queue at once, or stopped by the worker at its next step."""
+        with self._wake:
+            generation.cancelled = True
+            if generation in self._waiting:
+                self._waiting.remove(generation)
+                generation._emit(self._finished(generation, "cancelled"))
+
+    def snapshot(self) -> dict:
+        with self._wake:
+            busy = sum(1 for slot in self._slots if slot.generation is not None)
+            return {"slots_total": self.slots_total, "slots_busy": busy, "queue_depth": len(self._waiting),
+                    "queue_size": self.queue_size, "ctx_per_slot": self.ctx_per_slot, **self.stats}
+
+    def slot_kv_state(self) -> list[tuple[int, int]]:
+        """(tokens the slot believes it holds, highest position llama.cpp holds + 1) per slot; for tests."""
+        with self._wake:
+            return [(len(s.tokens), self._llama.llama_memory_seq_pos_max(self._memory, s.seq_id) + 1)
+                    for s in self._slots]
+
+    def close(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        self._thread.join()
+        llama = self._llama
+        for slot in self._slots:
+            self._release_sampler(slot)
+        llama.llama_batch_free(self._batch)
+        llama.llama_free(self._ctx)
+        llama.llama_model_free(self._model)
+
+    # -- the worker thread
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._running and not self._waiting and not self._any_work():
+                    self._wake.wait()
+                if not self._running:
+                    break
+                self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # never let one bad step take the classroom down
+                log.exception("engine step failed")
+                for slot in self._slots:
+                    if slot.generation is not None:
+                        self._finish(slot, "error", error=str(exc), keep_cache=False)
+        for generation in self._waiting:
+            generation._emit(self._finished(generation, "error", error="server shutting down"))
+        self._waiting.clear()
+        for slot in self._slots:
+            if slot.generation is not None:
+                self._finish(slot, "error", error="server shutting down", keep_cache=False)
+
+    def _any_work(self) -> bool:
+        return any(slot.generation is not None or slot.refresh for slot in self._slots)
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots, in arrival order (called with the lock held)."""
+        now = time.monotonic()
+        for generation in [g for g in self._waiting if now > g.request.deadline]:
+            self._waiting.remove(generation)
+            generation._emit(self._finished(generation, "timeout"))
+        while self._waiting:
+            free = [slot for slot in self._slots if slot.generation is None]
+            if not free:
+                return
+            generation = self._waiting.popleft()
+            self._assign(self._choose_slot(free, generation.request.prompt), generation, now)
+
+    @staticmethod
+    def _common_prefix(a: list[int], b: list[int]) -> int:
+        n = min(len(a), len(b))
+        i = 0
+        while i < n and a[i] == b[i]:
+            i += 1
+        return i
+
+    def _choose_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
+        # Longest shared prefix first; among equals, the least recently used, to keep other caches warm.
+        return max(free, key=lambda slot: (self._common_prefix(slot.tokens, prompt), -slot.last_used))
+
+    def _assign(self, slot: Slot, generation: Generation, now: float) -> None:
+        prompt = generation.request.prompt
+        # Keep the shared prefix, but evaluate at least the last token (its logits start the answer) and
+        # with it the one before, so the prompt's tail is never a lone row.
+        keep = max(0, min(self._common_prefix(slot.tokens, prompt), len(prompt) - 2))
+        if keep < len(slot.tokens) and not self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
+            self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            keep = 0
+        del slot.tokens[keep:]
+        slot.refresh.clear()
+        slot.pending = prompt[keep:]
+        slot.generation = generation
+        generation.cached_tokens = keep
+        generation.admitted = now
+        slot.sampler = build_chain(self._llama, self._vocab, generation.request.sampling)
+        if generation.request.sampling.has_penalties:
+            for token in prompt:  # penalties look at the conversation so far, as llama.cpp's server does
+                self._llama.llama_sampler_accept(slot.sampler, token)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            generation = slot.generation
+            if generation is None:
+                continue
+            if generation.cancelled:
+                self._finish(slot, "cancelled", keep_cache=False)
+            elif now > generation.request.deadline:
+                self._finish(slot, "timeout")
+
+        rows: list[tuple[Slot, int]] = []  # (slot, batch index) of every row that wants logits
+        fed: list[Slot] = []
+        n = 0
+
+        def feed(slot: Slot, tokens: list[int]) -> None:
+            nonlocal n
+            take = len(tokens)
+            start = len(slot.tokens)
+            self._batch_tokens[n:n + take] = tokens
+            self._batch_pos[n:n + take] = np.arange(start, start + take)
+            self._batch_logits[n:n + take] = 0
+            for i in range(n, n + take):
+                self._batch.seq_id[i][0] = slot.seq_id
+            slot.tokens.extend(tokens)
+            fed.append(slot)
+            n += take
+
+        # 1. one token for every sequence that is generating
+        generating = [s for s in self._slots if s.generation is not None and s.generation.first_token and s.pending]
+        for slot in generating:
+            feed(slot, slot.pending)
+            slot.pending = []
+            self._batch_logits[n - 1] = 1
+            rows.append((slot, n - 1))
+        # 2. prompts, oldest first, within the chunk budget, in pieces of two tokens or more
+        budget = self.prefill_chunk
+        prefilling = sorted((s for s in self._slots if s.generation is not None and not s.generation.first_token),
+                            key=lambda s: s.generation.admitted)
+        for slot in prefilling:
+            take = self._piece_size(len(slot.pending), budget)
+            if take == 0:
+                break
+            budget -= take
+            feed(slot, slot.pending[:take])
+            del slot.pending[:take]
+            if not slot.pending:  # the prompt's last token: the answer starts from its logits
+                self._batch_logits[n - 1] = 1
+                rows.append((slot, n - 1))
+        # 3. idle capacity: re-evaluate ended answers so the cache they leave is exact
+        for slot in self._slots:
+            if slot.generation is None and slot.refresh:
+                take = self._piece_size(len(slot.refresh), budget)
+                if take == 0:
+                    break
+                budget -= take
+                feed(slot, slot.refresh[:take])
+                del slot.refresh[:take]
+        if n == 0:
+            return
+        self._batch.n_tokens = n
+        result = self._llama.llama_decode(self._ctx, self._batch)
+        self.stats["steps"] += 1
+        self.stats["batch_tokens"] += n
+        self.batch_sizes[n] += 1
+        if result != 0:
+            self.stats["decode_errors"] += 1
+            message = f"llama_decode returned {result}: {llamacpp.recent_log() or 'no reason given'}"
+            for slot in fed:
+                if slot.generation is not None:
+                    self._finish(slot, "error", error=message, keep_cache=False)
+                else:
+                    self._forget(slot)
+            return
+        for slot, index in rows:
+            token = self._llama.llama_sampler_sample(slot.sampler, self._ctx, index)
+            self._accept_token(slot, token)
+
+    @staticmethod
+    def _piece_size(remaining: int, budget: int) -> int:
+        """How many of `remaining` tokens to evaluate now: within budget, never leaving or taking a lone one."""
+        take = min(remaining, budget)
+        if remaining - take == 1:
+            take -= 1
+        return take if take >= 2 or take == remaining else 0
+
+    def _accept_token(self, slot: Slot, token: int) -> None:
+        generation = slot.generation
+        request = generation.request
+        if generation.first_token == 0:
+            generation.first_token = time.monotonic()
+        if self._llama.llama_vocab_is_eog(self._vocab, token):
+            self._finish(slot, "stop")
+            return
+        generation.completion_tokens += 1
+        n = self._llama.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        text = generation.text.push(self._piece.raw[:max(n, 0)])
+        if text:
+            generation._emit(Delta(text))
+        if generation.text.stopped:
+            self._finish(slot, "stop")
+        elif generation.completion_tokens >= request.max_tokens or len(slot.tokens) >= self.ctx_per_slot:
+            self._finish(slot, "length")
+        else:
+            slot.pending.append(token)
+
+    def _finished(self, generation: Generation, reason: str, error: str | None = None) -> Finished:
+        now = time.monotonic()
+        first = generation.first_token or now
+        admitted = generation.admitted or now
+        return Finished(reason=reason, prompt_tokens=len(generation.request.prompt),
+                        completion_tokens=generation.completion_tokens, cached_tokens=generation.cached_tokens,
+                        queued_ms=(admitted - generation.submitted) * 1000, prompt_ms=(first - admitted) * 1000,
+                        decode_ms=(now - first) * 1000 if generation.first_token else 0.0, error=error)
+
+    def _finish(self, slot: Slot, reason: str, *, error: str | None = None, keep_cache: bool = True) -> None:
+        generation = slot.generation
+        if reason in ("stop", "length", "timeout"):
+            tail = generation.text.finish()
+            if tail:
+                generation._emit(Delta(tail))
+        finished = self._finished(generation, reason, error)
+        if not keep_cache:
+            # A cancelled or failed answer is not a conversation anyone continues: give its cells back.
+            self._forget(slot)
+        else:
+            # The tokens this answer fed one at a time were lone rows: queue them for exact re-evaluation.
+            first_generated = len(generation.request.prompt)
+            if len(slot.tokens) > first_generated:
+                start = first_generated - 1 if len(slot.tokens) - first_generated == 1 else first_generated
+                if self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, start, -1):
+                    slot.refresh = slot.tokens[start:]
+                    del slot.tokens[start:]
+                else:
+                    self._forget(slot)
+        slot.pending.clear()
+        slot.generation = None
+        slot.last_used = time.monotonic()
+        self._release_sampler(slot)
+        in_slot = slot.last_used - generation.admitted
+        self._service_seconds = 0.9 * self._service_seconds + 0.1 * in_slot
+        generation._emit(finished)  # last: whoever reads it sees the slot already free
+
+    def _forget(self, slot: Slot) -> None:
+        self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.tokens.clear()
+        slot.refresh.clear()
+
+    def _release_sampler(self, slot: Slot) -> None:
+        if slot.sampler is not None:
+            self._llama.llama_sampler_free(slot.sampler)
+            slot.sampler = None

