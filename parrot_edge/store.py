@@ -13,7 +13,6 @@ Nothing here opens a network connection: `pull` runs pip, which uses the network
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from typing import BinaryIO
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.gguf_check import GGUFHeader, check_gguf, read_header
 from parrot_edge.manifest import ModelManifest, atomic_write_bytes, manifest_path_for
+from parrot_edge.resources import bundled_dir
 from parrot_edge.settings import load_settings
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -45,8 +45,8 @@ _COPY_CHUNK = 4 << 20
 @cache
 def catalog() -> dict[str, ModelManifest]:
     """The known models, from the JSON manifests shipped in parrot_edge.models."""
-    files = importlib.resources.files("parrot_edge.models").iterdir()
-    manifests = [ModelManifest.model_validate_json(f.read_bytes()) for f in files if f.name.endswith(".json")]
+    files = sorted(bundled_dir("models").glob("*.json"))
+    manifests = [ModelManifest.model_validate_json(f.read_bytes()) for f in files]
     return {manifest.name: manifest for manifest in sorted(manifests, key=lambda m: m.name)}
 
 
