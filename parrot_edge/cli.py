@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True)
     p = _command(bsub, "convert", "parrot_edge.bench.convert:bench_convert_command",
                  "parrot-edge convert vs llama.cpp's convert_hf_to_gguf.py + quantize")
-    p.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: made here)")
+    p.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: rebuilt from the "
+                                                        "default model's GGUF, or from --gguf)")
+    p.add_argument("--gguf", type=Path, help="a `llama` GGUF to rebuild the default source from")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both tools (default 2)")
+    p.add_argument("--threads", type=int, help="CPU threads for the perplexity runs")
     p = _command(bsub, "single", "parrot_edge.bench.serving:bench_single_command",
                  "one-student decode speed: raw llama.cpp, parrot-edge, llama-cpp-python's server")
     p.add_argument("--model")
@@ -128,11 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="answer length")
     p.add_argument("--rounds", type=int, default=2, help="A/B rounds, interleaved")
     p.add_argument("--turns", action="store_true", help="multi-turn mode: time to first token of turns 1..5")
+    p.add_argument("--build-llama-server", action="store_true",
+                   help="build llama.cpp's llama-server from the llama-cpp-python sdist into ~/.cache if absent")
 
     p = _command(sub, "bundle", "parrot_edge.bundle:bundle_command", "build an offline install bundle (USB stick)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--platform", choices=("x86_64", "aarch64"))
-    p.add_argument("--model", dest="models", action="append", help="catalog or store model to include")
+    p.add_argument("--out", type=Path, required=True, help="folder to create (replaced if it is an earlier bundle)")
+    p.add_argument("--platform", choices=("x86_64", "aarch64"), help="the school computers' (default: this one's)")
+    p.add_argument("--model", dest="models", action="append", metavar="NAME",
+                   help="store or catalog model to include; repeatable (default: the default model)")
+    p.add_argument("--from", dest="wheelhouse", type=Path, metavar="DIR",
+                   help="directory of model wheels: catalog models come from it, with no network")
+    p.add_argument("--python", dest="pythons", action="append", metavar="X.Y",
+                   help="Python version of the school computers; repeatable (default: 3.11 to 3.14)")
     return parser
 
 

@@ -1,0 +1,404 @@
+"""Serving benchmarks: parrot-edge against the incumbents, measured in the same run on the same GGUF.
+
+`bench single`    one student: raw llama.cpp decode speed, parrot-edge over HTTP, llama-cpp-python's server.
+`bench classroom` N students × R streamed chat requests at once: parrot-edge, llama.cpp's `llama-server -np N`
+                  and llama-cpp-python's server; aggregate tok/s, time to first token p50/p95, errors, and the
+                  batched ceiling (one decode call over N tokens). `--turns`: TTFT of turns 1..5.
+
+Every server runs as its own process on a free loopback port; runs are interleaved (A B C A B C …) because
+this kind of machine is noisy, and every figure printed is a median over rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from parrot_edge.errors import ParrotEdgeError
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parrot-edge"
+SYSTEM = "You are a friendly teacher. Answer in the student's language, in a few sentences."
+TOPICS = ["volcanoes", "the water cycle", "photosynthesis", "the moon", "fractions", "the Roman empire",
+          "rainbows", "bees", "gravity", "the heart", "dinosaurs", "electricity", "clouds", "the alphabet",
+          "los planetas", "las plantas", "el agua", "los números primos", "el sistema solar", "los océanos",
+          "los volcanes", "la energía", "los músculos", "las estaciones del año"]
+FOLLOW_UPS = ["Tell me more.", "Why is that?", "Can you give an example?", "¿Y después qué pasa?"]
+
+
+def question(i: int) -> str:
+    topic = TOPICS[i % len(TOPICS)]
+    return (f"Explain {topic} to a ten year old. ({i})" if topic.isascii() else
+            f"Explícame {topic} como si tuviera diez años. ({i})")
+
+
+# -- servers ----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    port: int
+    process: subprocess.Popen | None = None
+    log: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, workdir: Path, timeout: float = 180) -> None:
+        self.log = workdir / f"{self.name}.log"
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ParrotEdgeError(f"{self.name} exited at start-up: {self.log.read_text()[-800:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                health = httpx.get(self.url + "/health", timeout=2)
+                if health.status_code == 200 or (health.status_code == 404 and self._models_ok()):
+                    return
+            time.sleep(0.3)
+        raise ParrotEdgeError(f"{self.name} did not become ready in {timeout:.0f} s")
+
+    def _models_ok(self) -> bool:  # llama-cpp-python's server has no /health
+        return httpx.get(self.url + "/v1/models", timeout=2).status_code == 200
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def parrot_edge_server(gguf: Path, slots: int, ctx: int, threads: int) -> Server:
+    port = free_port()
+    return Server("parrot-edge", [sys.executable, "-m", "parrot_edge", "serve", "--model", str(gguf), "--port",
+                                  str(port), "--slots", str(slots), "--ctx", str(ctx), "--threads", str(threads)],
+                  port)
+
+
+def llama_cpp_python_server(gguf: Path, ctx: int, threads: int) -> Server:
+    port = free_port()
+    return Server("llama-cpp-python", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
+                                       str(port), "--n_ctx", str(ctx), "--n_threads", str(threads),
+                                       "--n_threads_batch", str(threads), "--interrupt_requests", "False",
+                                       "--verbose", "False"], port)
+
+
+def llama_server_binary() -> Path | None:
+    binary = shutil.which("llama-server") or CACHE / "llama-server" / "bin" / "llama-server"
+    return Path(binary) if Path(binary).is_file() else None
+
+
+def llama_server(gguf: Path, slots: int, ctx: int, threads: int) -> Server | None:
+    binary = llama_server_binary()
+    if binary is None:
+        return None
+    port = free_port()
+    return Server("llama-server", [str(binary), "-m", str(gguf), "--port", str(port), "-np", str(slots),
+                                   "-c", str(slots * ctx), "-t", str(threads), "-tb", str(threads), "--no-webui"],
+                  port)
+
+
+def build_llama_server() -> Path:
+    """Build llama.cpp's own server from the llama-cpp-python sdist (same llama.cpp version) into the cache."""
+    import llama_cpp
+
+    version = llama_cpp.__version__
+    source = CACHE / f"llama_cpp_python-{version}"
+    if not source.is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        print(f"fetching the llama-cpp-python {version} source distribution…", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", str(CACHE)], check=True)
+        subprocess.run(["tar", "xzf", str(CACHE / f"llama_cpp_python-{version}.tar.gz"), "-C", str(CACHE)],
+                       check=True)
+    build = CACHE / "llama-server-build"
+    print("building llama-server (several minutes on 2 cores)…", file=sys.stderr)
+    subprocess.run(["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build),
+                    "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                   check=True, stdout=subprocess.DEVNULL)
+    target = CACHE / "llama-server" / "bin"
+    target.mkdir(parents=True, exist_ok=True)
+    for built in (build / "bin").iterdir():
+        if built.name == "llama-server" or built.suffix == ".so" or ".so." in built.name:
+            shutil.copy2(built, target / built.name)
+    return target / "llama-server"
+
+
+# -- clients ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Answer:
+    ttft: float
+    tokens: int
+    seconds: float
+    text: str
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int,
+                      completions_prompt: str | None = None) -> Answer:
+    """One streamed request; tokens from the usage chunk when the server sends one, else content chunks."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if completions_prompt is None:
+        path, body["messages"] = "/v1/chat/completions", messages
+    else:
+        path, body["prompt"] = "/v1/completions", completions_prompt
+    start = time.perf_counter()
+    first = None
+    chunks, usage_tokens, parts = 0, None, []
+    async with client.stream("POST", url + path, json=body, timeout=600) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            payload = json.loads(line[6:])
+            if payload.get("usage"):
+                usage_tokens = payload["usage"].get("completion_tokens")
+            for choice in payload.get("choices") or []:
+                piece = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+                if piece:
+                    first = first or time.perf_counter()
+                    chunks += 1
+                    parts.append(piece)
+    end = time.perf_counter()
+    return Answer(ttft=(first or end) - start, tokens=usage_tokens or chunks, seconds=end - start,
+                  text="".join(parts))
+
+
+async def model_id(url: str) -> str:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(url + "/v1/models", timeout=10)).json()["data"][0]["id"]
+
+
+@dataclass
+class ClassroomRun:
+    tokens: int = 0
+    seconds: float = 0.0
+    ttfts: list[float] = field(default_factory=list)
+    errors: int = 0
+    turn_ttfts: dict[int, list[float]] = field(default_factory=dict)
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def classroom(server: Server, students: int, requests: int, max_tokens: int, round_: int,
+                    turns: bool) -> ClassroomRun:
+    run = ClassroomRun()
+    model = await model_id(server.url)
+    limits = httpx.Limits(max_connections=students * 2, max_keepalive_connections=students * 2)
+
+    async def student(s: int, client: httpx.AsyncClient) -> None:
+        messages = [{"role": "system", "content": SYSTEM}]
+        for r in range(requests):
+            if turns and r:
+                messages.append({"role": "user", "content": FOLLOW_UPS[(s + r) % len(FOLLOW_UPS)]})
+            else:
+                messages = [{"role": "system", "content": SYSTEM},
+                            {"role": "user", "content": question(round_ * 1000 + s * requests + r)}]
+            try:
+                answer = await stream_chat(client, server.url, model, messages, max_tokens)
+            except (httpx.HTTPError, RuntimeError):
+                run.errors += 1
+                continue
+            run.tokens += answer.tokens
+            run.ttfts.append(answer.ttft)
+            run.turn_ttfts.setdefault(r + 1, []).append(answer.ttft)
+            messages.append({"role": "assistant", "content": answer.text})
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(limits=limits) as client:
+        await asyncio.gather(*(student(s, client) for s in range(students)))
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+# -- raw llama.cpp ----------------------------------------------------------------------------------------
+
+_RAW = r"""
+import ctypes, json, sys, time
+from pathlib import Path
+from parrot_edge import llamacpp
+from parrot_edge.engine import context_params
+path, n, steps, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llama = llamacpp.lib()
+model = llamacpp.load_model(path)
+ctx = llama.llama_init_from_model(model, context_params(llama, slots=n, ctx_per_slot=1024, prefill_chunk=256,
+                                                         threads=threads))
+batch = llama.llama_batch_init(max(n, 32), 0, 1)
+def decode(rows):
+    for i, (token, pos, seq) in enumerate(rows):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, 1
+        batch.seq_id[i][0] = seq
+    batch.n_tokens = len(rows)
+    assert llama.llama_decode(ctx, batch) == 0
+for seq in range(n):  # a short prompt in every sequence, as students' conversations have
+    for start in range(0, 32, 16):
+        decode([(100 + start + i, start + i, seq) for i in range(16)])
+timings = []
+for step in range(steps):
+    t = time.perf_counter()
+    decode([(200 + step, 32 + step, seq) for seq in range(n)])
+    timings.append(time.perf_counter() - t)
+timings.sort()
+print(json.dumps({"tok_per_s": n / timings[len(timings) // 2]}))
+"""
+
+
+def raw_decode_speed(gguf: Path, n: int, threads: int, steps: int = 64) -> float:
+    """Tokens/s of llama_decode over a batch of one next token for each of n sequences (median step)."""
+    done = subprocess.run([sys.executable, "-c", _RAW, str(gguf), str(n), str(steps), str(threads)],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise ParrotEdgeError(f"raw llama.cpp measurement failed: {done.stderr[-500:]}")
+    return json.loads(done.stdout)["tok_per_s"]
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+def _model_path(name: str | None) -> Path:
+    from parrot_edge.settings import load_settings
+    from parrot_edge.store import ModelStore
+
+    settings = load_settings(model=name)
+    return ModelStore(settings.models_dir).resolve(settings.model).path
+
+
+def _threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _running(servers: list[Server]):
+    workdir = Path(tempfile.mkdtemp(prefix="parrot-edge-bench-"))
+    try:
+        for server in servers:
+            print(f"starting {server.name} on port {server.port}…", file=sys.stderr)
+            server.start(workdir)
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bench_single_command(args) -> int:
+    gguf = _model_path(args.model)
+    threads = _threads()
+    servers = [parrot_edge_server(gguf, 1, 2048, threads), llama_cpp_python_server(gguf, 2048, threads)]
+    prompt = "Once upon a time, in a small village in the mountains, there lived a curious girl who"
+    results: dict[str, list[float]] = {"raw llama.cpp": []} | {server.name: [] for server in servers}
+    with _running(servers):
+        for round_ in range(args.rounds):
+            results["raw llama.cpp"].append(raw_decode_speed(gguf, 1, threads, steps=args.tokens))
+            for server in servers:
+                async def one(server=server):
+                    async with httpx.AsyncClient() as client:
+                        return await stream_chat(client, server.url, await model_id(server.url), [], args.tokens,
+                                                 completions_prompt=prompt)
+                answer = asyncio.run(one())
+                decode_seconds = answer.seconds - answer.ttft
+                results[server.name].append((answer.tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0)
+            print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()),
+                  file=sys.stderr)
+    raw = statistics.median(results["raw llama.cpp"])
+    print(f"\nOne student, decode tok/s (median of {args.rounds} interleaved rounds, {args.tokens} tokens, "
+          f"{gguf.name}, {threads} threads):")
+    for name, values in results.items():
+        speed = statistics.median(values)
+        print(f"  {name:<18} {speed:7.1f} tok/s   {speed / raw:5.2f}× raw")
+    return 0
+
+
+def bench_classroom_command(args) -> int:
+    gguf = _model_path(args.model)
+    threads = _threads()
+    ctx = 2048
+    if args.build_llama_server and llama_server_binary() is None:
+        build_llama_server()
+    servers = [parrot_edge_server(gguf, args.students, ctx, threads)]
+    incumbent = llama_server(gguf, args.students, ctx, threads)
+    if incumbent is None:
+        print("llama-server not found (PATH or the cache): skipped. Build it with --build-llama-server.",
+              file=sys.stderr)
+    else:
+        servers.append(incumbent)
+    servers.append(llama_cpp_python_server(gguf, ctx, threads))
+    runs: dict[str, list[ClassroomRun]] = {server.name: [] for server in servers}
+    requests = 5 if args.turns else args.requests
+    with _running(servers):
+        for server in servers:  # warm-up: load pages, fill allocators
+            asyncio.run(classroom(server, 2, 1, 8, 999, False))
+        for round_ in range(args.rounds):
+            for server in servers:
+                run = asyncio.run(classroom(server, args.students, requests, args.tokens, round_, args.turns))
+                runs[server.name].append(run)
+                print(f"round {round_ + 1}/{args.rounds} {server.name}: {run.tok_per_s:.1f} tok/s, TTFT p95 "
+                      f"{percentile(run.ttfts, 95):.2f} s, errors {run.errors}", file=sys.stderr)
+    ceiling = raw_decode_speed(gguf, args.students, threads)
+
+    def med(name: str, value) -> float:
+        return statistics.median(value(run) for run in runs[name])
+
+    def speed(run: ClassroomRun) -> float:
+        return run.tok_per_s
+
+    def p50(run: ClassroomRun) -> float:
+        return percentile(run.ttfts, 50)
+
+    def p95(run: ClassroomRun) -> float:
+        return percentile(run.ttfts, 95)
+
+    mode = "5-turn conversations" if args.turns else f"{args.requests} requests each"
+    print(f"\n{args.students} students × {mode}, answers ≤ {args.tokens} tokens, {gguf.name}, {threads} threads "
+          f"(median of {args.rounds} interleaved rounds)")
+    print(f"  {'server':<18} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'errors':>7}")
+    for name in runs:
+        errors = sum(run.errors for run in runs[name])
+        print(f"  {name:<18} {med(name, speed):8.1f} {med(name, p50):8.2f}s {med(name, p95):8.2f}s {errors:7d}")
+    print(f"  batched ceiling: one llama_decode over {args.students} tokens = {ceiling:.1f} tok/s")
+    for name in [n for n in runs if n != "parrot-edge"]:
+        print(f"  parrot-edge vs {name}: {med('parrot-edge', speed) / med(name, speed):.2f}× tok/s, "
+              f"TTFT p95 {med('parrot-edge', p95) / med(name, p95):.2f}×")
+    if args.turns:
+        print("  time to first token by turn (median over students and rounds):")
+        for name in runs:
+            by_turn = [statistics.median([t for run in runs[name] for t in run.turn_ttfts.get(turn, [])] or [0])
+                       for turn in range(1, 6)]
+            print(f"    {name:<18} " + "  ".join(f"t{i + 1} {t:.2f}s" for i, t in enumerate(by_turn))
+                  + f"   turn5/turn1 {by_turn[4] / by_turn[0]:.2f}×")
+    return 0
