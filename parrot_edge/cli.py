@@ -161,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ModuleNotFoundError as exc:
-        extra = {"torch": "convert", "safetensors": "convert", "sentencepiece": "convert", "llama_cpp": "server",
-                 "fastapi": "server", "uvicorn": "server", "textual": "kiosk", "httpx": "kiosk"}.get(exc.name or "")
+        extra = {"torch": "convert", "safetensors": "convert", "sentencepiece": "convert", "tokenizers": "convert",
+                 "google": "convert", "yaml": "convert", "tqdm": "convert", "llama_cpp": "server", "gguf": "server",
+                 "numpy": "server", "fastapi": "server", "uvicorn": "server", "jinja2": "server",
+                 "textual": "kiosk", "httpx": "kiosk"}.get((exc.name or "").split(".")[0])
         if extra is None:
             raise
         print(f"error: `{args.command}` needs the '{extra}' extra: pip install 'parrot-edge[{extra}]'",

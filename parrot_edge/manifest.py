@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -72,6 +73,11 @@ class ModelManifest(BaseModel):
 
     def write(self, path: Path) -> None:
         atomic_write_bytes(Path(path), (json.dumps(self.model_dump(exclude_none=True), indent=2) + "\n").encode())
+
+
+def model_name(text: str) -> str:
+    """A valid manifest/store name from free text: lower case letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:64] or "model"
 
 
 def manifest_path_for(gguf: Path) -> Path:

@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.gguf_check import GGUFHeader, check_gguf, read_header
-from parrot_edge.manifest import ModelManifest, atomic_write_bytes, manifest_path_for
+from parrot_edge.manifest import ModelManifest, atomic_write_bytes, manifest_path_for, model_name
 from parrot_edge.resources import bundled_dir
 from parrot_edge.settings import load_settings
 
@@ -117,7 +117,7 @@ class ModelStore:
         header = read_header(path)  # refuses a non-GGUF or a truncated file before anything is copied
         beside = manifest_path_for(path)
         given = ModelManifest.read(beside) if beside.is_file() else None
-        name = name or (given.name if given else _name_from_file(path))
+        name = name or (given.name if given else model_name(path.stem))
         _require_valid_name(name)
         if self.get(name) is not None:
             raise ParrotEdgeError(f"a model named {name} is already installed; remove it first "
@@ -321,10 +321,6 @@ def _quant_name(header: GGUFHeader) -> str:
     except (KeyError, ValueError):
         types = Counter(tensor.ggml_type for tensor in header.tensors if len(tensor.shape) > 1)
         return GGMLQuantizationType(types.most_common(1)[0][0]).name if types else "unknown"
-
-
-def _name_from_file(path: Path) -> str:
-    return re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-._")[:64] or "model"
 
 
 @cache

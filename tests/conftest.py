@@ -30,3 +30,22 @@ def default_gguf(default_model_wheelhouse, tmp_path_factory) -> Path:
         while chunk := src.read(1 << 20):
             out.write(chunk)
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A tiny random model in ParrotAI's own format (TinyLlama lit-gpt pretraining checkpoint, SentencePiece
+    tokenizer, no chat template), converted to F32 by the real `parrot-edge convert` command."""
+    import subprocess
+    import sys
+
+    from converter_fixtures import lit_config, tinyllama_checkpoint, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("tiny")
+    train_sentencepiece(root / "ckpt", vocab_size=500)
+    tinyllama_checkpoint(root / "ckpt", lit_config(500, n_head=4, n_query_groups=2), seed=7)
+    output = root / "tiny-parrot.gguf"
+    done = subprocess.run([sys.executable, "-m", "parrot_edge", "convert", str(root / "ckpt" / "iter-000100-ckpt.pth"),
+                           "-o", str(output), "--quant", "f32"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return output

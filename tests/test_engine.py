@@ -169,3 +169,22 @@ def test_many_requests_leave_memory_and_kv_flat(engine):
     for believed, held in engine.slot_kv_state():
         assert believed == held, "a slot's KV cells disagree with what the engine thinks it holds"
     assert engine.snapshot()["slots_busy"] == 0 and engine.snapshot()["queue_depth"] == 0
+
+
+def test_tiny_converted_model_is_exact_under_batching_and_reuse(tiny_gguf):
+    """The converter's own tiny model (default chat template): concurrency and prefix reuse change nothing."""
+    tiny = Engine(tiny_gguf, name="tiny", slots=3, ctx_per_slot=256, prefill_chunk=16)
+    try:
+        async def scenario():
+            requests = [Request(prompt=chat_tokens(tiny, [{"role": "user", "content": q}]), sampling=GREEDY,
+                                max_tokens=24) for q in QUESTIONS]
+            alone = [await run(tiny, r) for r in requests]
+            together = await asyncio.gather(*(run(tiny, r) for r in requests))
+            return alone, together
+
+        alone, together = asyncio.run(scenario())
+        assert [text for text, _ in together] == [text for text, _ in alone]
+        assert all(finished.completion_tokens > 0 for _, finished in alone)
+        assert any(finished.cached_tokens > 0 for _, finished in together)  # the default template's prefix
+    finally:
+        tiny.close()

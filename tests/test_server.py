@@ -260,3 +260,18 @@ def test_chat_round_trip_with_no_network_at_all(gguf, tmp_path):
     done = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ANSWER: " in done.stdout and len(done.stdout.split("ANSWER: ", 1)[1].strip()) > 0
+
+
+def test_tiny_converted_model_served_with_the_default_template(tiny_gguf, tmp_path):
+    """A model made by the converter in this run, served and chatted with through the openai client."""
+    with run_server(tmp_path, "--model", str(tiny_gguf), "--slots", "2", "--ctx", "256") as server:
+        client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-parrot"]
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hola, ¿qué tal?"}]
+        whole = client.chat.completions.create(model="tiny-parrot", messages=messages, max_tokens=12,
+                                               temperature=0)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model="tiny-parrot", messages=messages, max_tokens=12, temperature=0, stream=True) if chunk.choices)
+        assert whole.usage.completion_tokens > 0
+        assert streamed == whole.choices[0].message.content
+        assert "\nUser:" not in whole.choices[0].message.content  # the default template's stop string holds

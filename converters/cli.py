@@ -1,0 +1,73 @@
+"""The converter's commands: `parrot-edge convert`, `verify` and `inspect` (arguments: parrot_edge/cli.py).
+
+Figures go to stdout, progress and notes to stderr. Exit codes: 0 done, 1 environment (unwritable output,
+llama.cpp failure), 2 bad input, 3 verification failed, 130 interrupted. torch is imported by the
+commands that need it, not by `inspect`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+from parrot_edge.errors import VerificationFailed
+from parrot_edge.manifest import manifest_path_for
+
+
+def convert_command(args) -> int:
+    from parrot_edge.converters.convert import check_output, check_quant, convert, open_source, say
+    from parrot_edge.converters.verify import read_texts, verify
+
+    quant = check_quant(args.quant)
+    check_output(args.output)
+    texts = read_texts(args.text) if args.verify else None  # a bad --text fails now, not after converting
+    checkpoint, vocabulary = open_source(args.source, args.family, args.model_config, args.tokenizer)
+    with _terminate_means_interrupt():
+        manifest = convert(checkpoint, vocabulary, args.output, quant, name=args.name, license=args.license,
+                           threads=args.threads)
+    print(f"wrote {args.output} ({manifest.size / 1e6:.1f} MB, {quant.upper()}, "
+          f"{manifest.parameters / 1e6:.1f} M parameters, tokenizer {manifest.tokenizer}) "
+          f"and {manifest_path_for(args.output).name}")
+    if not args.verify:
+        return 0
+    say("verifying: PyTorch reference forward vs llama.cpp")
+    report = verify(checkpoint, vocabulary, args.output, texts, args.threads)
+    print("\n".join(report.lines()))
+    manifest.verification = report.figures
+    manifest.write(manifest_path_for(args.output))
+    if not report.figures.passed:
+        raise VerificationFailed(f"{args.output} failed verification (it is kept, and its manifest records why)")
+    return 0
+
+
+def verify_command(args) -> int:
+    from parrot_edge.converters.convert import open_source
+    from parrot_edge.converters.verify import read_texts, verify
+
+    checkpoint, vocabulary = open_source(args.source, args.family, args.model_config, args.tokenizer)
+    report = verify(checkpoint, vocabulary, args.gguf, read_texts(args.text), args.threads)
+    print("\n".join(report.lines()))
+    if not report.figures.passed:
+        raise VerificationFailed(f"{args.gguf} does not match {args.source}")
+    return 0
+
+
+def inspect_command(args) -> int:
+    from parrot_edge.converters.inspect_gguf import describe
+
+    print(describe(args.gguf, all_tensors=args.tensors))
+    return 0
+
+
+@contextlib.contextmanager
+def _terminate_means_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, `kill`) unwinds like Ctrl-C, so temp files are removed on the way out."""
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,113 @@
+"""`parrot-edge convert`: checkpoint → GGUF (+ manifest), from start to finish.
+
+1. open the checkpoint (its family checks keys and shapes against the config) and its tokenizer;
+2. hash the source weights (the GGUF and the manifest record which checkpoint they came from);
+3. F32/F16/BF16: stream the tensors straight into the output. Q8_0/Q4_0/Q4_K_M/Q5_K_M: stream them
+   into an intermediate GGUF that holds the checkpoint's values exactly (F32, or its own F16/BF16) in the
+   output directory, and let llama.cpp's quantiser write the output from it;
+4. rename the finished file into place, then write the manifest beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from parrot_edge import __version__
+from parrot_edge.converters.checkpoint import Checkpoint
+from parrot_edge.converters.errors import BadInput
+from parrot_edge.converters.families import open_checkpoint
+from parrot_edge.converters.gguf_writer import BF16, F16, F32, remove_leftovers, temp_file_beside, write_gguf
+from parrot_edge.converters.quantize import QUANT_TYPES, describe_fallbacks, fallbacks, quantize
+from parrot_edge.converters.tokenizer import Vocabulary, find_tokenizer, load_vocabulary
+from parrot_edge.converters.weights import source_sha256
+from parrot_edge.manifest import ModelManifest, manifest_path_for, model_name, sha256_file
+
+DIRECT_TYPES = {"f32": F32, "f16": F16, "bf16": BF16}
+QUANT_CHOICES = (*DIRECT_TYPES, *QUANT_TYPES)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def check_quant(quant: str) -> str:
+    if quant.lower() not in QUANT_CHOICES:
+        raise BadInput(f"unknown quant type {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    return quant.lower()
+
+
+def check_output(output: Path) -> None:
+    if output.suffix != ".gguf":
+        raise BadInput(f"output {output} must end in .gguf")
+    if output.is_dir():
+        raise BadInput(f"output {output} is a directory")
+
+
+def open_source(source: Path, family: str | None, config: str | None,
+                tokenizer: Path | None) -> tuple[Checkpoint, Vocabulary]:
+    checkpoint = open_checkpoint(source, family, config)
+    tokenizer_path = find_tokenizer(tokenizer or checkpoint.source.tokenizer_dir or source)
+    vocabulary = load_vocabulary(tokenizer_path, checkpoint.n_vocab, checkpoint.source.declared_vocab)
+    return checkpoint, vocabulary
+
+
+def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant: str, *, name: str | None = None,
+            license: str | None = None, threads: int | None = None,
+            progress: Callable[[str], None] = say) -> ModelManifest:
+    """Write `output` (and its manifest) from an opened checkpoint; returns the manifest."""
+    quant = check_quant(quant)
+    check_output(output)
+    source = checkpoint.source
+    for note in source.notes + vocabulary.notes:
+        progress(f"note: {note}")
+    if output.parent.is_dir():
+        for leftover in remove_leftovers(output):
+            progress(f"note: removed {leftover.name}, left by an earlier run that was killed")
+    with temp_file_beside(output, "partial") as partial:  # first: an unwritable output fails before any work
+        total = sum(path.stat().st_size for path in source.weight_files)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="hashing the checkpoint", file=sys.stderr,
+                  disable=None, leave=False) as bar:
+            source_hash = source_sha256(source.weight_files, bar.update)
+        metadata = gguf_metadata(checkpoint, vocabulary, name or source.name, license or source.license,
+                                 source_hash)
+        tensors = checkpoint.gguf_tensors()
+        if quant in DIRECT_TYPES:
+            write_gguf(partial, checkpoint.arch, metadata, tensors, DIRECT_TYPES[quant], f"writing {quant.upper()}")
+        else:
+            with temp_file_beside(output, "unquantised") as intermediate:
+                write_gguf(intermediate, checkpoint.arch, metadata, tensors, None, "writing")
+                progress(f"quantising to {quant.upper()} with llama.cpp")
+                quantize(intermediate, partial, quant, threads)
+            if found := fallbacks(partial, quant):
+                progress(f"note: {describe_fallbacks(found, quant)}")
+        os.replace(partial, output)
+
+    manifest = ModelManifest(
+        name=model_name(name or output.stem), file=output.name, sha256=sha256_file(output),
+        size=output.stat().st_size, quant=quant.upper(), architecture=checkpoint.arch,
+        parameters=checkpoint.parameter_count, context_length=checkpoint.context_length,
+        tokenizer=vocabulary.metadata["tokenizer.ggml.model"], license=license or source.license,
+        source=f"{source.family}:{source.path.name}", source_sha256=source_hash,
+    )
+    manifest.write(manifest_path_for(output))
+    return manifest
+
+
+def gguf_metadata(checkpoint: Checkpoint, vocabulary: Vocabulary, name: str, license: str | None,
+                  source_hash: str) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"general.type": "model", "general.name": name}
+    if license:
+        metadata["general.license"] = license
+    metadata |= checkpoint.gguf_metadata()
+    metadata |= {
+        "parrot_edge.version": __version__,
+        "parrot_edge.source.family": checkpoint.source.family,
+        "parrot_edge.source.sha256": source_hash,
+    }
+    return metadata | vocabulary.gguf_metadata()

@@ -1,0 +1,155 @@
+"""The llama.cpp `llama` architecture: its config, metadata keys, tensor names and the Q/K permutation.
+
+All three families of this converter (HF Llama, TinyLlama/lit-gpt, modern litgpt) are Llama-style
+models; each maps its own keys onto the tensor names below and hands them to `LlamaCheckpoint`, which
+writes them for llama.cpp and runs them through the reference forward.
+
+Why the permutation: HF and lit-gpt apply RoPE "rotate-half" (dimension i pairs with i + head_dim/2),
+llama.cpp's `llama` rotates adjacent pairs (2i, 2i+1). Reordering the rows of every Q and K head so that
+row 2i+j comes from row j·head_dim/2 + i makes the two agree exactly; V and the output projection are
+untouched (attention scores q·k do not depend on a shared reordering of q and k).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from parrot_edge.converters.checkpoint import GGUFTensor, SourceInfo
+from parrot_edge.converters.errors import BadInput
+from parrot_edge.converters.reference import llama_logits
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama-style architecture in llama.cpp's terms."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int  # rows of the token embedding and of output.weight
+    context_length: int
+    rope_base: float = 10000.0
+    rope_scale: float = 1.0  # linear RoPE scaling: positions are divided by this factor
+    norm_eps: float = 1e-5
+    tied_embeddings: bool = False
+
+    def __post_init__(self):
+        sizes = {k: getattr(self, k) for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "n_ff",
+                                               "n_vocab", "context_length")}
+        if any(not isinstance(v, int) or v <= 0 for v in sizes.values()):
+            raise BadInput(f"architecture sizes must be positive integers: {sizes}")
+        if self.n_head % self.n_kv_head:
+            raise BadInput(f"n_head {self.n_head} is not a multiple of the key/value heads {self.n_kv_head}")
+        if self.head_dim % 2:
+            raise BadInput(f"head size {self.head_dim} is odd: RoPE needs pairs of dimensions")
+        if self.rope_scale <= 0 or self.rope_base <= 0 or self.norm_eps <= 0:
+            raise BadInput(f"rope base {self.rope_base}, rope scale {self.rope_scale} and norm eps "
+                           f"{self.norm_eps} must be positive")
+
+
+def gguf_metadata(config: LlamaConfig) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "llama.context_length": config.context_length,
+        "llama.embedding_length": config.n_embd,
+        "llama.block_count": config.n_layer,
+        "llama.feed_forward_length": config.n_ff,
+        "llama.attention.head_count": config.n_head,
+        "llama.attention.head_count_kv": config.n_kv_head,
+        "llama.attention.layer_norm_rms_epsilon": float(config.norm_eps),
+        "llama.rope.freq_base": float(config.rope_base),
+        "llama.rope.dimension_count": config.head_dim,
+        "llama.vocab_size": config.n_vocab,
+    }
+    if config.head_dim * config.n_head != config.n_embd:  # llama.cpp assumes n_embd / n_head otherwise
+        meta["llama.attention.key_length"] = meta["llama.attention.value_length"] = config.head_dim
+    if config.rope_scale != 1.0:
+        meta["llama.rope.scaling.type"] = "linear"
+        meta["llama.rope.scaling.factor"] = float(config.rope_scale)
+    return meta
+
+
+def tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a `llama` GGUF and its torch-order shape, in writing order."""
+    c = config
+    q_rows, kv_rows = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    shapes = {"token_embd.weight": (c.n_vocab, c.n_embd)}
+    for i in range(c.n_layer):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (c.n_embd,),
+            f"blk.{i}.attn_q.weight": (q_rows, c.n_embd),
+            f"blk.{i}.attn_k.weight": (kv_rows, c.n_embd),
+            f"blk.{i}.attn_v.weight": (kv_rows, c.n_embd),
+            f"blk.{i}.attn_output.weight": (c.n_embd, q_rows),
+            f"blk.{i}.ffn_norm.weight": (c.n_embd,),
+            f"blk.{i}.ffn_gate.weight": (c.n_ff, c.n_embd),
+            f"blk.{i}.ffn_up.weight": (c.n_ff, c.n_embd),
+            f"blk.{i}.ffn_down.weight": (c.n_embd, c.n_ff),
+        }
+    shapes["output_norm.weight"] = (c.n_embd,)
+    if not c.tied_embeddings:
+        shapes["output.weight"] = (c.n_vocab, c.n_embd)
+    return shapes
+
+
+def rotate_half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows (2, hd/2) → (hd/2, 2): new row 2i+j = old row j·hd/2 + i."""
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse reordering, (hd/2, 2) → (2, hd/2), for reading a `llama` GGUF back."""
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    return weight.reshape(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor of the llama layout (GGUF name, checkpoint's RoPE order), as a family provides it."""
+
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+
+class LlamaCheckpoint:
+    """A Llama-style checkpoint, whatever its family: written as `llama`, run by the reference forward."""
+
+    arch = "llama"
+
+    def __init__(self, source: SourceInfo, config: LlamaConfig, tensors: dict[str, SourceTensor]):
+        self.source = source
+        self.config = config
+        self.tensors = tensors
+        self.n_vocab = config.n_vocab
+        self.context_length = config.context_length
+        self.parameter_count = sum(math.prod(shape) for shape in tensor_shapes(config).values())
+
+    def gguf_metadata(self) -> dict[str, Any]:
+        return gguf_metadata(self.config)
+
+    def gguf_tensors(self) -> list[GGUFTensor]:
+        heads = {"attn_q.weight": self.config.n_head, "attn_k.weight": self.config.n_kv_head}
+        out = []
+        for name, shape in tensor_shapes(self.config).items():
+            source = self.tensors[name]
+            n_heads = heads.get(name.split(".", 2)[-1])
+            load = source.load if n_heads is None else _permuted(source.load, n_heads)
+            out.append(GGUFTensor(name, shape, source.dtype, load))
+        return out
+
+    def reference_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return llama_logits(self.config, lambda name: self.tensors[name].load().float(), tokens)
+
+
+def _permuted(load: Callable[[], torch.Tensor], n_heads: int) -> Callable[[], torch.Tensor]:
+    return lambda: rotate_half_to_interleaved(load(), n_heads)

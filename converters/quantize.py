@@ -1,0 +1,55 @@
+"""The 8-bit and 4-bit types, through llama.cpp's own quantiser (`llama_model_quantize`).
+
+llama.cpp picks each tensor's type itself (Q4_K_M keeps some tensors at Q6_K, norms at F32) and, when
+a tensor's rows do not divide into the type's blocks (256 values for K-quants, 32 for Q4_0/Q8_0), falls
+back for that tensor alone (Q4_K → Q5_0, Q6_K → Q8_0, …, F16 as the last resort). `fallbacks()` reads the
+result back so the command can say which tensors were affected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import gguf
+
+from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.gguf_check import read_header
+from parrot_edge.llamacpp import lib, recent_log
+
+# --quant value → (llama_ftype, the ggml type of its ordinary weight matrices)
+QUANT_TYPES = {
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
+    "q4_k_m": (gguf.LlamaFileType.MOSTLY_Q4_K_M, gguf.GGMLQuantizationType.Q4_K),
+    "q5_k_m": (gguf.LlamaFileType.MOSTLY_Q5_K_M, gguf.GGMLQuantizationType.Q5_K),
+}
+
+
+def quantize(source: Path, target: Path, quant: str, threads: int | None = None) -> None:
+    """Quantise the F32/F16/BF16 GGUF `source` into `target` with llama.cpp's default recipe for `quant`."""
+    llama = lib()
+    params = llama.llama_model_quantize_default_params()  # layout must match the bundled library: start here
+    params.ftype = int(QUANT_TYPES[quant][0])
+    params.nthread = threads or 0  # 0: all cores
+    if llama.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise ParrotEdgeError(f"llama.cpp could not quantise to {quant}: {recent_log() or 'no reason given'}")
+
+
+def fallbacks(path: Path, quant: str) -> list[tuple[str, str]]:
+    """(tensor, stored type) for every weight matrix whose rows did not fit the blocks of `quant`'s type."""
+    block = gguf.GGML_QUANT_SIZES[QUANT_TYPES[quant][1]][0]
+    return [(t.name, gguf.GGMLQuantizationType(t.ggml_type).name) for t in read_header(path).tensors
+            if len(t.shape) >= 2 and t.name.endswith(".weight") and t.shape[0] % block]
+
+
+def describe_fallbacks(found: list[tuple[str, str]], quant: str) -> str:
+    base = QUANT_TYPES[quant][1]
+    block = gguf.GGML_QUANT_SIZES[base][0]
+    by_type: dict[str, list[str]] = {}
+    for name, stored in found:
+        by_type.setdefault(stored, []).append(name)
+    parts = [f"{stored} ×{len(names)} ({', '.join(names[:4])}{', …' if len(names) > 4 else ''})"
+             for stored, names in sorted(by_type.items())]
+    return (f"{len(found)} tensors have rows that do not divide into {base.name}'s {block}-value blocks and were "
+            f"stored as: {'; '.join(parts)}")

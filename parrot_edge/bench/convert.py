@@ -1,0 +1,214 @@
+"""`parrot-edge bench convert`: parrot-edge vs llama.cpp's own tools, same HF checkpoint, to Q4_K_M.
+
+Incumbent: llama.cpp's `convert_hf_to_gguf.py` (F16, as its README does it) then llama.cpp's quantiser
+(`llama_model_quantize`, what `llama-quantize` runs). parrot-edge: `parrot-edge convert --quant q4_k_m`,
+which also hashes the source, writes the manifest and renames atomically. Each step runs as its own
+process; its wall time and peak RSS (ru_maxrss from wait4) are measured, in interleaved rounds because
+a shared machine is noisy. Then llama.cpp computes the perplexity of both Q4_K_M files on the same
+tokens (and says whether both files tokenise the text identically).
+
+The convert script comes from the llama-cpp-python source distribution of the installed version
+(`pip download --no-binary :all:`, once, into ~/.cache/parrot-edge/bench), run with its bundled gguf-py.
+Without SRC the bench rebuilds a realistic HF checkpoint from the default model's GGUF: real trained
+SmolLM2-135M weights (dequantised to float32, 538 MB) and its real bilingual BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from parrot_edge.errors import ParrotEdgeError
+
+# The perplexity text: everyday school prose in both languages, about 680 tokens for SmolLM2.
+PERPLEXITY_TEXT = """\
+The village school has two classrooms, a small library and a garden where the children grow beans, maize and
+tomatoes. Every morning the teacher writes the date on the board and asks who can read it aloud. Most of the
+students walk to school, some of them for more than an hour, and in the rainy season the river sometimes rises
+so high that the younger ones stay at home. When that happens, the older students carry notes and homework to
+them, and the teacher checks the work the following week.
+
+In science class this month the students are learning about water. They measured how much rain fell each day
+in a plastic bottle with a ruler taped to its side, and they drew a chart of the results. On the wettest day
+the bottle collected forty-two millimetres; on the driest, nothing at all. They discussed why the air feels
+colder after a storm, where the water goes when a puddle disappears, and why the well never runs dry even at
+the end of the dry season.
+
+La escuela del pueblo tiene dos aulas, una pequeña biblioteca y un huerto donde los niños cultivan frijoles,
+maíz y tomates. Cada mañana la maestra escribe la fecha en la pizarra y pregunta quién puede leerla en voz
+alta. La mayoría de los alumnos camina hasta la escuela, algunos durante más de una hora, y en la temporada de
+lluvias el río a veces crece tanto que los más pequeños se quedan en casa. Cuando eso ocurre, los mayores les
+llevan notas y tareas, y la maestra revisa el trabajo la semana siguiente.
+
+En la clase de ciencias de este mes los estudiantes aprenden sobre el agua. Midieron cuánta lluvia cayó cada
+día en una botella de plástico con una regla pegada al costado, y dibujaron una gráfica con los resultados.
+El día más lluvioso la botella recogió cuarenta y dos milímetros; el más seco, nada. Conversaron sobre por qué
+el aire se siente más frío después de una tormenta, adónde va el agua cuando un charco desaparece y por qué el
+pozo nunca se seca, ni siquiera al final de la temporada seca.
+
+On Fridays the class writes short stories. Last week a girl wrote about a parrot that learned to count in two
+languages and taught the numbers to the other birds in the forest. The students laughed, then they tried to
+count to twenty in both languages as fast as they could: one, two, three, four; uno, dos, tres, cuatro.
+"""
+_QUANTIZE = ("import ctypes, sys, llama_cpp; llama_cpp.llama_backend_init(); "
+             "p = llama_cpp.llama_model_quantize_default_params(); p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M; "
+             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
+_CONTEXT = 512  # tokens per perplexity window
+_LAUNCHER = ("import os, subprocess, sys, time; start = time.perf_counter(); "
+             "child = subprocess.Popen(sys.argv[2:], stdout=open(sys.argv[1], 'wb'), stderr=subprocess.STDOUT); "
+             "_, status, usage = os.wait4(child.pid, 0); "
+             "print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))")
+
+
+@dataclass
+class Step:
+    seconds: float
+    peak_rss_mb: float
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "parrot-edge" / "bench"
+
+
+def run_measured(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> Step:
+    """Run one process to completion; its own wall time and peak RSS.
+
+    A small launcher starts it: a child's ru_maxrss counts the memory of the process it was forked from
+    (until exec), so forking from this possibly large process would inflate the figure.
+    """
+    log = cwd / "last-step.log"
+    result = subprocess.run([sys.executable, "-c", _LAUNCHER, str(log), *map(str, argv)], cwd=cwd, env=env,
+                            capture_output=True, text=True)
+    seconds, peak_kb, code = result.stdout.split()
+    if int(code) != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise ParrotEdgeError(f"`{' '.join(map(str, argv[:3]))} …` failed ({code}): {' | '.join(tail)}")
+    return Step(float(seconds), int(peak_kb) / 1024)
+
+
+def llama_cpp_convert_script(cache: Path) -> Path:
+    """convert_hf_to_gguf.py of the installed llama-cpp-python's vendored llama.cpp, fetched once."""
+    version = importlib.metadata.version("llama-cpp-python")
+    root = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    script = root / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    downloads = cache / "sdist"
+    downloads.mkdir(parents=True, exist_ok=True)
+    print(f"fetching the llama-cpp-python {version} source distribution (llama.cpp's convert script)…", file=sys.stderr)
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                             "--dest", str(downloads), f"llama-cpp-python=={version}"], capture_output=True, text=True)
+    archives = sorted(downloads.glob(f"llama_cpp_python-{version}.tar.gz"))
+    if result.returncode != 0 or not archives:
+        raise ParrotEdgeError(f"could not download llama-cpp-python=={version}'s sdist (needs the network once): "
+                              f"{result.stderr.strip()[-300:]}")
+    wanted = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
+    with tarfile.open(archives[0]) as archive:
+        members = [m for m in archive.getmembers() if m.name.split("/", 1)[-1].startswith(wanted)]
+        archive.extractall(cache, members=members, filter="data")
+    if not script.is_file():
+        raise ParrotEdgeError(f"{archives[0].name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+    return script
+
+
+def default_source(cache: Path, gguf: Path | None) -> Path:
+    """An HF checkpoint rebuilt from `gguf`, or from the default model (store, else the test wheelhouse)."""
+    from parrot_edge.converters.from_gguf import hf_checkpoint_from_gguf
+
+    gguf = gguf or _default_model_gguf(cache)
+    target = cache / f"{gguf.stem}-hf"
+    if not (target / "model.safetensors").is_file():
+        print(f"rebuilding an HF checkpoint from {gguf} (once)…", file=sys.stderr)
+        hf_checkpoint_from_gguf(gguf, target)
+    return target
+
+
+def _default_model_gguf(cache: Path) -> Path:
+    from parrot_edge.settings import load_settings
+    from parrot_edge.store import DEFAULT_MODEL, ModelStore, catalog
+
+    try:
+        return ModelStore(load_settings().models_dir).resolve(None).path
+    except ParrotEdgeError:
+        pass
+    fetch = catalog()[DEFAULT_MODEL].fetch
+    wheelhouse = os.environ.get("PARROT_EDGE_TEST_WHEELHOUSE")
+    wheels = sorted(Path(wheelhouse).glob(f"{fetch.requirement.split('==')[0].replace('-', '_')}-*.whl")) \
+        if wheelhouse else []
+    if not wheels:
+        raise ParrotEdgeError(f"the default model is not installed: run `parrot-edge models pull {DEFAULT_MODEL}`, "
+                              "or pass --gguf FILE or an HF checkpoint directory")
+    target = cache / Path(fetch.member).name
+    if not target.is_file():
+        with zipfile.ZipFile(wheels[0]) as archive:
+            target.write_bytes(archive.read(fetch.member))
+    return target
+
+
+def perplexity(path: Path, tokens: list[int], threads: int | None) -> float:
+    from parrot_edge.converters.llama_run import gguf_logits
+    from parrot_edge.converters.verify import log_softmax
+
+    windows = [tokens[i:i + _CONTEXT] for i in range(0, len(tokens) - 1, _CONTEXT)]
+    nll, count = 0.0, 0
+    for window, logits in zip(windows, gguf_logits(path, windows, threads), strict=True):
+        log_p = log_softmax(logits[:-1].astype("float64"))
+        nll -= float(log_p[range(len(window) - 1), window[1:]].sum())
+        count += len(window) - 1
+    return math.exp(nll / count)
+
+
+def bench_convert_command(args) -> int:
+    from parrot_edge.converters.llama_run import gguf_tokenize
+
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    source = (args.source.resolve() if args.source else default_source(cache, args.gguf))
+    script = llama_cpp_convert_script(cache)
+    work = cache / "run"
+    work.mkdir(exist_ok=True)
+    ours, theirs = work / "parrot-edge-q4_k_m.gguf", work / "llama-cpp-q4_k_m.gguf"
+    incumbent_env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
+    weights = sum(p.stat().st_size for p in source.glob("*.safetensors")) + sum(
+        p.stat().st_size for p in source.glob("pytorch_model*.bin"))
+    print(f"source {source} ({weights / 1e6:.0f} MB of weights); {os.cpu_count()} CPUs; {args.rounds} rounds, "
+          "interleaved")
+
+    results: dict[str, list[Step]] = {"parrot-edge": [], "llama.cpp": []}
+    for round_number in range(1, args.rounds + 1):
+        step = run_measured([sys.executable, "-m", "parrot_edge", "convert", str(source), "-o", str(ours),
+                             "--quant", "q4_k_m"], cwd=work)
+        results["parrot-edge"].append(step)
+        f16 = work / "llama-cpp-f16.gguf"
+        convert_step = run_measured([sys.executable, str(script), str(source), "--outfile", str(f16), "--outtype",
+                                     "f16"], cwd=work, env=incumbent_env)
+        quantize_step = run_measured([sys.executable, "-c", _QUANTIZE, str(f16), str(theirs)], cwd=work)
+        f16.unlink()
+        results["llama.cpp"].append(Step(convert_step.seconds + quantize_step.seconds,
+                                         max(convert_step.peak_rss_mb, quantize_step.peak_rss_mb)))
+        print(f"  round {round_number}: parrot-edge {step.seconds:.1f} s / {step.peak_rss_mb:.0f} MB; llama.cpp "
+              f"{convert_step.seconds:.1f} + {quantize_step.seconds:.1f} s / {convert_step.peak_rss_mb:.0f} MB, "
+              f"{quantize_step.peak_rss_mb:.0f} MB", file=sys.stderr)
+
+    tokens = gguf_tokenize(ours, [PERPLEXITY_TEXT])[0]
+    same_tokens = tokens == gguf_tokenize(theirs, [PERPLEXITY_TEXT])[0]
+    print(f"\n{'':28} {'wall time':>10} {'peak RSS':>10} {'Q4_K_M size':>12} {'perplexity':>11}")
+    for name, path, label in (("parrot-edge", ours, "parrot-edge convert"),
+                              ("llama.cpp", theirs, "llama.cpp convert+quantize")):
+        steps = results[name]
+        print(f"{label:<28} {statistics.median(s.seconds for s in steps):>8.1f} s "
+              f"{max(s.peak_rss_mb for s in steps):>7.0f} MB {path.stat().st_size / 1e6:>9.1f} MB "
+              f"{perplexity(path, tokens, args.threads):>11.4f}")
+    print(f"(median wall time, highest peak RSS over the rounds; perplexity by llama.cpp on {len(tokens)} tokens of "
+          f"bilingual text in {_CONTEXT}-token windows; both files tokenise it "
+          f"{'identically' if same_tokens else 'DIFFERENTLY'})")
+    return 0
