@@ -386,29 +386,32 @@ class Engine:
             slot.pending = []
             self._batch_logits[n - 1] = 1
             rows.append((slot, n - 1))
-        # 2. prompts, oldest first, within the chunk budget, in pieces of two tokens or more
         budget = self.prefill_chunk
+
+        def feed_piece(slot: Slot, source: list[int]) -> bool:
+            """Move the next piece of `source` into the batch, within the chunk budget."""
+            nonlocal budget
+            take = self._piece_size(len(source), budget)
+            if take == 0:
+                return False
+            budget -= take
+            feed(slot, source[:take])
+            del source[:take]
+            return True
+
+        # 2. prompts, oldest first, within the chunk budget, in pieces of two tokens or more
         prefilling = sorted((s for s in self._slots if s.generation is not None and not s.generation.first_token),
                             key=lambda s: s.generation.admitted)
         for slot in prefilling:
-            take = self._piece_size(len(slot.pending), budget)
-            if take == 0:
+            if not feed_piece(slot, slot.pending):
                 break
-            budget -= take
-            feed(slot, slot.pending[:take])
-            del slot.pending[:take]
             if not slot.pending:  # the prompt's last token: the answer starts from its logits
                 self._batch_logits[n - 1] = 1
                 rows.append((slot, n - 1))
         # 3. idle capacity: re-evaluate ended answers so the cache they leave is exact
-        for slot in self._slots:
-            if slot.generation is None and slot.refresh:
-                take = self._piece_size(len(slot.refresh), budget)
-                if take == 0:
-                    break
-                budget -= take
-                feed(slot, slot.refresh[:take])
-                del slot.refresh[:take]
+        for slot in [s for s in self._slots if s.generation is None and s.refresh]:
+            if not feed_piece(slot, slot.refresh):
+                break
         if n == 0:
             return
         self._batch.n_tokens = n

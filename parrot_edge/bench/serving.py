@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,6 @@ def question(i: int) -> str:
 # -- servers ----------------------------------------------------------------------------------------------
 
 def free_port() -> int:
-    import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
