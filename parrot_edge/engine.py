@@ -1,7 +1,7 @@
 """The continuous-batching engine: one llama.cpp context serving a whole classroom at once.
 
 The context holds `slots` sequences, each with its own `ctx_per_slot` KV cells. A single worker thread
-owns it and loops over steps; each step puts into one `llama_batch`
+owns it and loops over steps; each step puts into one `llama_batch`, ordered by sequence,
 
   * the next token of every sequence that is generating, and
   * up to `prefill_chunk` prompt tokens of sequences still reading their prompt (oldest first),
@@ -13,12 +13,14 @@ A slot keeps the tokens it has evaluated after its request ends. A new request g
 sharing the longest prefix with its prompt, and only the rest of the prompt is evaluated: a student's
 next turn, which re-sends the whole conversation, costs only the new message.
 
-Exactness. With flash attention off, llama.cpp computes a token's K/V identically whatever the batch or
-chunk it is evaluated in, as long as its sequence contributes at least two rows to that batch; a lone row
-(every decode step) takes another kernel path that rounds differently. So prompts are always evaluated in
-pieces of two or more tokens, and when an answer ends, the tokens it generated one by one are evaluated
-again as one piece in idle batch capacity ("refresh"). The cache a slot keeps is then bit-identical to a
-cold evaluation of the same conversation, and reusing it never changes an answer.
+Exactness. llama.cpp's CPU flash attention computes every query row on its own, so a token's logits and
+K/V come out bit-identical whatever batch, chunk or company it is evaluated in, except on two faster
+kernels that round differently: a tiled one for 64 or more rows of one sequence in a micro-batch, and a
+split one for a micro-batch of a single row over more than 256 cells. Micro-batches of at most 63 rows
+rule out the first; for the second the engine predicts llama.cpp's split of its batch into micro-batches
+(`lone_long_rows`) and gives any sequence that would be such a lone row a second one: its last cached
+token, evaluated again. So an answer is the same alone or in a full classroom, and the cache a slot keeps
+is bit-identical to a cold evaluation of the same conversation: reusing it never changes an answer.
 
 Requests wait in arrival order when every slot is busy; the queue is bounded (QueueFull → HTTP 503).
 Results travel to the asyncio side as events on a per-request asyncio.Queue.
@@ -116,13 +118,17 @@ class Generation:
         self._loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+# Exactness limits of llama.cpp's CPU flash attention (ggml-cpu ops.cpp, see the top of this file).
+UBATCH_ROWS = 63  # the tiled kernel starts at 64 query rows of one sequence
+SPLIT_KV_CELLS = 256  # a lone row over more cells than this takes the split kernel (llama.cpp pads n_kv to 256)
+
+
 @dataclass
 class Slot:
     seq_id: int
     tokens: list[int] = field(default_factory=list)  # what this sequence's KV cells hold, in order
     generation: Generation | None = None
     pending: list[int] = field(default_factory=list)  # tokens to evaluate next (prompt rest, or the last sample)
-    refresh: list[int] = field(default_factory=list)  # an ended answer's tokens, to re-evaluate when idle
     sampler: object = None
     last_used: float = 0.0
 
@@ -140,16 +146,18 @@ class ModelInfo:
     bos_id: int
 
 
-def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, threads: int | None = None,
-                   flash_attention: bool = False):
+def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, threads: int | None = None):
     """The llama_context_params the engine runs with (the memory plan's test measures exactly these)."""
+    if slots >= UBATCH_ROWS:
+        raise ParrotEdgeError(f"at most {UBATCH_ROWS - 1} slots: every answering student's next token must fit in "
+                              f"one micro-batch of {UBATCH_ROWS} rows")
     params = llama.llama_context_default_params()
     params.n_seq_max = slots
     params.n_ctx = slots * ctx_per_slot
-    params.n_batch = prefill_chunk + slots  # a step's most: one token per slot plus a prompt chunk
-    params.n_ubatch = min(512, params.n_batch)
+    params.n_batch = prefill_chunk + 2 * slots  # a step's most: two rows per slot plus a prompt chunk
+    params.n_ubatch = UBATCH_ROWS
     params.kv_unified = False  # each slot owns its cells: attention never scans other students' tokens
-    params.flash_attn_type = 1 if flash_attention else 0  # off: chunking cannot change numerics (see top)
+    params.flash_attn_type = 1  # on: per-row attention makes batching exact (see top), and it is faster
     params.no_perf = True
     if threads:
         params.n_threads = params.n_threads_batch = threads
@@ -158,12 +166,12 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
 
 class Engine:
     def __init__(self, model_path: Path, *, name: str, slots: int, ctx_per_slot: int, threads: int | None = None,
-                 prefill_chunk: int = 256, queue_size: int = 64, flash_attention: bool = False):
+                 prefill_chunk: int = 256, queue_size: int = 64):
         self._llama = llama = llamacpp.lib()
         self._model = llamacpp.load_model(model_path)
         self._vocab = llama.llama_model_get_vocab(self._model)
         params = context_params(llama, slots=slots, ctx_per_slot=ctx_per_slot, prefill_chunk=prefill_chunk,
-                                threads=threads, flash_attention=flash_attention)
+                                threads=threads)
         self.batch_capacity = params.n_batch
         self._ctx = llama.llama_init_from_model(self._model, params)
         if not self._ctx:
@@ -189,7 +197,7 @@ class Engine:
         self._wake = threading.Condition()
         self._running = True
         self._service_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
-        self.stats = {"steps": 0, "batch_tokens": 0, "decode_errors": 0}
+        self.stats = {"steps": 0, "batch_tokens": 0, "reevaluated_tokens": 0, "decode_errors": 0}
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="parrot-edge-engine", daemon=True)
         self._thread.start()
@@ -285,7 +293,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self._running and not self._waiting and not self._any_work():
+                while self._running and not self._waiting and not self._any_generation():
                     self._wake.wait()
                 if not self._running:
                     break
@@ -304,8 +312,8 @@ class Engine:
             if slot.generation is not None:
                 self._finish(slot, "error", error="server shutting down", keep_cache=False)
 
-    def _any_work(self) -> bool:
-        return any(slot.generation is not None or slot.refresh for slot in self._slots)
+    def _any_generation(self) -> bool:
+        return any(slot.generation is not None for slot in self._slots)
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, in arrival order (called with the lock held)."""
@@ -334,14 +342,12 @@ class Engine:
 
     def _assign(self, slot: Slot, generation: Generation, now: float) -> None:
         prompt = generation.request.prompt
-        # Keep the shared prefix, but evaluate at least the last token (its logits start the answer) and
-        # with it the one before, so the prompt's tail is never a lone row.
-        keep = max(0, min(self._common_prefix(slot.tokens, prompt), len(prompt) - 2))
+        # Keep the shared prefix, but evaluate at least the last token: its logits start the answer.
+        keep = min(self._common_prefix(slot.tokens, prompt), len(prompt) - 1)
         if keep < len(slot.tokens) and not self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
             self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             keep = 0
         del slot.tokens[keep:]
-        slot.refresh.clear()
         slot.pending = prompt[keep:]
         slot.generation = generation
         generation.cached_tokens = keep
@@ -362,58 +368,40 @@ class Engine:
             elif now > generation.request.deadline:
                 self._finish(slot, "timeout")
 
-        rows: list[tuple[Slot, int]] = []  # (slot, batch index) of every row that wants logits
-        fed: list[Slot] = []
-        n = 0
-
-        def feed(slot: Slot, tokens: list[int]) -> None:
-            nonlocal n
-            take = len(tokens)
-            start = len(slot.tokens)
-            self._batch_tokens[n:n + take] = tokens
-            self._batch_pos[n:n + take] = np.arange(start, start + take)
-            self._batch_logits[n:n + take] = 0
-            for i in range(n, n + take):
-                self._batch.seq_id[i][0] = slot.seq_id
-            slot.tokens.extend(tokens)
-            fed.append(slot)
-            n += take
-
-        # 1. one token for every sequence that is generating
-        generating = [s for s in self._slots if s.generation is not None and s.generation.first_token and s.pending]
-        for slot in generating:
-            feed(slot, slot.pending)
-            slot.pending = []
-            self._batch_logits[n - 1] = 1
-            rows.append((slot, n - 1))
+        # What each sequence evaluates this step: its next token, or the next piece of its prompt.
+        work: dict[int, list[int]] = {}
+        for slot in self._slots:
+            if slot.generation is not None and slot.generation.first_token and slot.pending:
+                work[slot.seq_id] = slot.pending
+                slot.pending = []
         budget = self.prefill_chunk
-
-        def feed_piece(slot: Slot, source: list[int]) -> bool:
-            """Move the next piece of `source` into the batch, within the chunk budget."""
-            nonlocal budget
-            take = self._piece_size(len(source), budget)
-            if take == 0:
-                return False
-            budget -= take
-            feed(slot, source[:take])
-            del source[:take]
-            return True
-
-        # 2. prompts, oldest first, within the chunk budget, in pieces of two tokens or more
         prefilling = sorted((s for s in self._slots if s.generation is not None and not s.generation.first_token),
                             key=lambda s: s.generation.admitted)
         for slot in prefilling:
-            if not feed_piece(slot, slot.pending):
+            if budget == 0:
                 break
-            if not slot.pending:  # the prompt's last token: the answer starts from its logits
+            work[slot.seq_id] = slot.pending[:budget]
+            del slot.pending[:budget]
+            budget -= len(work[slot.seq_id])
+        if not work:
+            return
+        self._keep_attention_exact(work)
+
+        rows: list[tuple[Slot, int]] = []  # (slot, batch index) of every row that wants logits
+        n = 0
+        for seq_id in sorted(work):  # llama.cpp micro-batches runs of consecutive sequences together
+            slot, tokens = self._slots[seq_id], work[seq_id]
+            start = len(slot.tokens)
+            self._batch_tokens[n:n + len(tokens)] = tokens
+            self._batch_pos[n:n + len(tokens)] = np.arange(start, start + len(tokens))
+            self._batch_logits[n:n + len(tokens)] = 0
+            for i in range(n, n + len(tokens)):
+                self._batch.seq_id[i][0] = seq_id
+            slot.tokens.extend(tokens)
+            n += len(tokens)
+            if not slot.pending:  # a generated token, or the prompt's last: the next token comes from its logits
                 self._batch_logits[n - 1] = 1
                 rows.append((slot, n - 1))
-        # 3. idle capacity: re-evaluate ended answers so the cache they leave is exact
-        for slot in [s for s in self._slots if s.generation is None and s.refresh]:
-            if not feed_piece(slot, slot.refresh):
-                break
-        if n == 0:
-            return
         self._batch.n_tokens = n
         result = self._llama.llama_decode(self._ctx, self._batch)
         self.stats["steps"] += 1
@@ -422,23 +410,27 @@ class Engine:
         if result != 0:
             self.stats["decode_errors"] += 1
             message = f"llama_decode returned {result}: {llamacpp.recent_log() or 'no reason given'}"
-            for slot in fed:
-                if slot.generation is not None:
-                    self._finish(slot, "error", error=message, keep_cache=False)
-                else:
-                    self._forget(slot)
+            for seq_id in work:
+                self._finish(self._slots[seq_id], "error", error=message, keep_cache=False)
             return
         for slot, index in rows:
             token = self._llama.llama_sampler_sample(slot.sampler, self._ctx, index)
             self._accept_token(slot, token)
 
-    @staticmethod
-    def _piece_size(remaining: int, budget: int) -> int:
-        """How many of `remaining` tokens to evaluate now: within budget, never leaving or taking a lone one."""
-        take = min(remaining, budget)
-        if remaining - take == 1:
-            take -= 1
-        return take if take >= 2 or take == remaining else 0
+    def _keep_attention_exact(self, work: dict[int, list[int]]) -> None:
+        """Give every sequence that llama.cpp would evaluate as a lone row over many cells a second row: its
+        last cached token, removed from the cache and evaluated again (to the same values)."""
+        for _ in range(len(work)):
+            lone = lone_long_rows({seq_id: (len(self._slots[seq_id].tokens), len(tokens))
+                                   for seq_id, tokens in work.items()})
+            if not lone:
+                return
+            for seq_id in lone:
+                slot = self._slots[seq_id]
+                if not self._llama.llama_memory_seq_rm(self._memory, seq_id, len(slot.tokens) - 1, -1):
+                    return
+                work[seq_id] = [slot.tokens.pop(), *work[seq_id]]
+                self.stats["reevaluated_tokens"] += 1
 
     def _accept_token(self, slot: Slot, token: int) -> None:
         generation = slot.generation
@@ -479,16 +471,6 @@ class Engine:
         if not keep_cache:
             # A cancelled or failed answer is not a conversation anyone continues: give its cells back.
             self._forget(slot)
-        else:
-            # The tokens this answer fed one at a time were lone rows: queue them for exact re-evaluation.
-            first_generated = len(generation.request.prompt)
-            if len(slot.tokens) > first_generated:
-                start = first_generated - 1 if len(slot.tokens) - first_generated == 1 else first_generated
-                if self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, start, -1):
-                    slot.refresh = slot.tokens[start:]
-                    del slot.tokens[start:]
-                else:
-                    self._forget(slot)
         slot.pending.clear()
         slot.generation = None
         slot.last_used = time.monotonic()
@@ -500,9 +482,35 @@ class Engine:
     def _forget(self, slot: Slot) -> None:
         self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         slot.tokens.clear()
-        slot.refresh.clear()
 
     def _release_sampler(self, slot: Slot) -> None:
         if slot.sampler is not None:
             self._llama.llama_sampler_free(slot.sampler)
             slot.sampler = None
+
+
+def lone_long_rows(plan: dict[int, tuple[int, int]]) -> list[int]:
+    """The sequences llama.cpp would evaluate as a micro-batch of one row over more than SPLIT_KV_CELLS cells.
+
+    `plan` maps each sequence in the batch to (cells it holds before the step, rows it adds). This follows
+    llama.cpp's split of a batch for a cache with a stream per sequence (`split_equal`, sequential): each
+    micro-batch takes the run of consecutive sequence ids starting at the lowest with rows left, and the
+    same number of rows from each, as many as the shortest has left and the micro-batch holds."""
+    cells = {seq_id: held for seq_id, (held, _) in plan.items()}
+    left = {seq_id: rows for seq_id, (_, rows) in plan.items() if rows}
+    lone = []
+    while left:
+        run: list[int] = []
+        for seq_id in sorted(left):
+            if run and seq_id != run[-1] + 1:
+                break
+            run.append(seq_id)
+        take = min(min(left[seq_id] for seq_id in run), UBATCH_ROWS // len(run))
+        for seq_id in run:
+            cells[seq_id] += take
+            left[seq_id] -= take
+            if not left[seq_id]:
+                del left[seq_id]
+        if len(run) == 1 and take == 1 and cells[run[0]] > SPLIT_KV_CELLS:
+            lone.append(run[0])
+    return lone

@@ -2,23 +2,23 @@
 
 The server checks the plan before loading a model, and the batching engine takes its default number of
 slots (students served at once) from it. The estimate, in bytes, for the engine's context (see
-parrot_edge.engine.context_params: batch = prefill_chunk + slots, at most 512 tokens per ubatch):
+parrot_edge.engine.context_params: flash attention, micro-batches of at most 63 rows):
 
   weights   = the GGUF's size             llama.cpp maps the file, and every decode step reads all of it
   kv_cache  = n_layer × slots × ctx_per_slot × (k_dim + v_dim) × 2     f16 keys and values, every cell
   overhead  = activations + attention + logits + margin
-    activations = batch × (12·n_embd + 2·n_ff) × 4      what a full batch of prompt tokens touches of
-                                                        llama.cpp's compute buffer
-    attention   = 2 × batch × ctx_per_slot × n_head × 4 attention scores and their softmax: the engine runs
-                                                        without flash attention (exactness, see engine.py)
+    activations = ubatch × (12·n_embd + 2·n_ff) × 4     what a full micro-batch touches of llama.cpp's
+                                                        compute buffer
+    attention   = 2 × ubatch × ctx_per_slot × 4         the attention mask, in f32 and f16 (flash
+                                                        attention keeps no score matrix)
     logits      = 2 × slots × n_vocab × 4               a row per student per step, computed and copied out
     margin      = 16 MB + n_vocab × 512                 tokenizer tables, graph and thread-pool allocations
 
 llama.cpp reserves its compute buffer for a batch in which every token returns logits (batch × n_vocab × 4);
 the engine asks for one row per sequence, so that reservation is mostly never touched and is not counted.
-Measured with the default model, contexts filled, the estimate is 6-16% above the real growth of resident
-memory (8 slots × 2048 tokens: 569 MB planned, 535 MB real; 4 × 4096: 608 MB planned, 563 MB real);
-tests/test_memory.py checks this on every run.
+Measured with the default model, contexts filled, the estimate is 4-14% above the real growth of resident
+memory (8 slots × 256 tokens: 193 MB planned, 171 MB real; 8 × 2048: 524 MB planned, 504 MB real;
+4 × 4096: 523 MB planned, 503 MB real); tests/test_memory.py checks this on every run.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from parrot_edge.gguf_check import StringArray, read_header
 
 DEFAULT_SLOTS = 8
 DEFAULT_CTX_PER_SLOT = 2048
-DEFAULT_PREFILL_CHUNK = 256  # the engine's default (settings.prefill_chunk)
-MAX_UBATCH = 512
+MAX_UBATCH = 63  # the engine's micro-batch (parrot_edge.engine.UBATCH_ROWS)
 USABLE_FRACTION = 0.85  # leave the rest to the OS, the server itself and the desktop
 CTX_STEP = 256  # llama.cpp rounds context sizes up to this
 SMALLER_QUANTS = "Q4_0 or Q4_K_M instead of Q8_0 or F16"
@@ -145,7 +144,7 @@ def cgroup_headroom(cgroup: Path, root: Path) -> int | None:
 
 
 def plan_memory(info: ModelInfo, slots: int | None = None, ctx_per_slot: int | None = None,
-                available: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> MemoryPlan:
+                available: int | None = None) -> MemoryPlan:
     """The memory plan for serving `info`; unset slots become the most (8 down to 1) that fit.
 
     Raises a ParrotEdgeError with the numbers and what to change when even the smallest plan does not fit.
@@ -157,17 +156,16 @@ def plan_memory(info: ModelInfo, slots: int | None = None, ctx_per_slot: int | N
     available = available_memory() if available is None else available
     budget = int(available * USABLE_FRACTION)
     for n in [slots] if slots else range(DEFAULT_SLOTS, 0, -1):
-        plan = _plan(info, n, ctx, prefill_chunk, available)
+        plan = _plan(info, n, ctx, available)
         if plan.total <= budget:
             return plan
-    raise ParrotEdgeError(_does_not_fit(info, plan, prefill_chunk, budget))
+    raise ParrotEdgeError(_does_not_fit(info, plan, budget))
 
 
-def _plan(info: ModelInfo, slots: int, ctx: int, prefill_chunk: int, available: int) -> MemoryPlan:
+def _plan(info: ModelInfo, slots: int, ctx: int, available: int) -> MemoryPlan:
     kv_cache = slots * ctx * info.kv_bytes_per_token
-    batch = min(MAX_UBATCH, prefill_chunk + slots)
-    activations = batch * (12 * info.n_embd + 2 * info.n_ff) * 4
-    attention = 2 * batch * ctx * info.n_head * 4
+    activations = MAX_UBATCH * (12 * info.n_embd + 2 * info.n_ff) * 4
+    attention = 2 * MAX_UBATCH * ctx * 4
     logits = 2 * slots * info.n_vocab * 4
     margin = 16_000_000 + info.n_vocab * 512
     overhead = activations + attention + logits + margin
@@ -175,7 +173,7 @@ def _plan(info: ModelInfo, slots: int, ctx: int, prefill_chunk: int, available: 
                       available)
 
 
-def _does_not_fit(info: ModelInfo, plan: MemoryPlan, prefill_chunk: int, budget: int) -> str:
+def _does_not_fit(info: ModelInfo, plan: MemoryPlan, budget: int) -> str:
     message = (f"not enough memory for {info.path.name}: {_slots(plan.slots)} × {plan.ctx_per_slot} tokens "
                f"need {plan.total / 1e6:,.0f} MB (weights {plan.weights / 1e6:,.0f} MB + KV cache "
                f"{plan.kv_cache / 1e6:,.0f} MB + overhead {plan.overhead / 1e6:,.0f} MB), but only "
@@ -183,7 +181,7 @@ def _does_not_fit(info: ModelInfo, plan: MemoryPlan, prefill_chunk: int, budget:
                "available)")
 
     def fits(slots: int, ctx: int) -> bool:
-        return _plan(info, slots, ctx, prefill_chunk, plan.available).total <= budget
+        return _plan(info, slots, ctx, plan.available).total <= budget
 
     if not fits(1, CTX_STEP):
         return (message + ". The model alone does not fit: close other programs, or use a smaller "

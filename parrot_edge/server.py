@@ -34,8 +34,7 @@ def serve_command(args) -> int:
     probe = probe_llama_cpp()
     if not probe.ok:
         raise ParrotEdgeError(probe.message)
-    plan = plan_memory(read_model_info(model.path), slots=settings.slots, ctx_per_slot=settings.ctx_per_slot,
-                       prefill_chunk=settings.prefill_chunk)
+    plan = plan_memory(read_model_info(model.path), slots=settings.slots, ctx_per_slot=settings.ctx_per_slot)
 
     import uvicorn
 

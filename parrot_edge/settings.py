@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     slots: int | None = Field(None, ge=1, le=256, description="Concurrent sequences; derived from memory if unset.")
     ctx_per_slot: int | None = Field(None, ge=64, description="Context tokens per slot; derived if unset.")
     threads: int | None = Field(None, ge=1)
-    prefill_chunk: int = Field(256, ge=16, description="Prompt tokens evaluated per scheduler step per sequence.")
+    prefill_chunk: int = Field(256, ge=16, description="Prompt tokens per engine step, all prompts together.")
     queue_size: int = Field(64, ge=0, description="Requests waiting for a slot before 503.")
     request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take, queueing included.")
     default_max_tokens: int = Field(512, ge=1)

@@ -21,6 +21,9 @@ QUESTIONS = [
     "¿Por qué el cielo es azul?",
     "What is 12 times 12?",
 ]
+# A conversation past 256 tokens, where a lone student's rows need the engine's pairing to stay exact.
+LONG_QUESTION = ("Here are my notes from class. " + "The moon orbits the Earth and reflects the light of the sun. " * 30
+                 + "Tell me about the moon.")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,22 @@ def test_concurrent_answers_equal_answers_alone(engine):
     assert max(engine.batch_sizes) > 1, "requests were never batched together"
 
 
+def test_a_long_conversation_alone_equals_it_among_others(engine):
+    """Past 256 cells a lone row would take llama.cpp's split kernel; the engine pairs it, so nothing changes."""
+    paired_before = engine.stats["reevaluated_tokens"]
+
+    async def scenario():
+        alone = await run(engine, ask(engine, LONG_QUESTION))
+        together = await asyncio.gather(run(engine, ask(engine, LONG_QUESTION)),
+                                        *(run(engine, ask(engine, q)) for q in QUESTIONS[:3]))
+        return alone, together[0]
+
+    (text_alone, _), (text_together, _) = asyncio.run(scenario())
+    assert len(chat_tokens(engine, [{"role": "user", "content": LONG_QUESTION}])) > 300
+    assert engine.stats["reevaluated_tokens"] > paired_before, "the lone long rows were never paired"
+    assert text_alone.strip() and text_together == text_alone
+
+
 def test_cancel_mid_stream_leaves_others_intact(engine):
     async def scenario():
         reference = [await run(engine, ask(engine, q, max_tokens=60)) for q in QUESTIONS[:3]]
@@ -81,12 +100,13 @@ def test_cancel_mid_stream_leaves_others_intact(engine):
     assert engine.snapshot()["slots_busy"] == 0
 
 
-def test_prefix_reuse_matches_cold_evaluation(default_gguf, engine):
-    conversation = [{"role": "user", "content": "Tell me about the moon."}]
+@pytest.mark.parametrize("first_question", ["Tell me about the moon.", LONG_QUESTION], ids=["short", "long"])
+def test_prefix_reuse_matches_cold_evaluation(default_gguf, engine, first_question):
+    conversation = [{"role": "user", "content": first_question}]
 
     async def turns(target: Engine):
         answers, cached = [], []
-        for question in ["Tell me about the moon.", "How far away is it?", "¿Y el sol?"]:
+        for question in [first_question, "How far away is it?", "¿Y el sol?"]:
             if answers:
                 conversation_so_far = [*conversation, {"role": "user", "content": question}]
             else:
