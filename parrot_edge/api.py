@@ -38,6 +38,26 @@ class ApiError(Exception):
         self.body = {"error": {"message": message, "type": type, "code": code, "param": param, **extra}}
 
 
+class RequireApiKey:
+    """Every route but /health needs `Authorization: Bearer <key>`. Plain ASGI, so streamed answers pass
+    through untouched (Starlette's `@app.middleware` would copy every chunk through an extra task)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                response = _error_response(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
+                                                    "<key>'", type="authentication_error", code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
@@ -94,15 +114,8 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine]) -> FastAPI
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
-    @app.middleware("http")
-    async def require_api_key(request: Request, call_next):
-        if api_key and request.url.path != "/health" and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return _error_response(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                                type="authentication_error", code="invalid_api_key"))
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(RequireApiKey, api_key=api_key)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_request: Request, exc: ApiError):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -115,7 +116,8 @@ class Generation:
         self.text = TextStream(request.stop)
 
     def _emit(self, event: Delta | Finished) -> None:
-        self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """From the asyncio side; the worker posts through Engine._post instead."""
+        self.events.put_nowait(event)
 
 
 # Exactness limits of llama.cpp's CPU flash attention (ggml-cpu ops.cpp, see the top of this file).
@@ -194,6 +196,7 @@ class Engine:
 
         self._slots = [Slot(seq_id=i) for i in range(slots)]
         self._waiting: collections.deque[Generation] = collections.deque()
+        self._outbox: list[tuple[Generation, Delta | Finished]] = []  # the worker's events, delivered per step
         self._wake = threading.Condition()
         self._running = True
         self._service_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
@@ -305,12 +308,27 @@ class Engine:
                 for slot in self._slots:
                     if slot.generation is not None:
                         self._finish(slot, "error", error=str(exc), keep_cache=False)
+            self._deliver()
         for generation in self._waiting:
-            generation._emit(self._finished(generation, "error", error="server shutting down"))
+            self._post(generation, self._finished(generation, "error", error="server shutting down"))
         self._waiting.clear()
         for slot in self._slots:
             if slot.generation is not None:
                 self._finish(slot, "error", error="server shutting down", keep_cache=False)
+        self._deliver()
+
+    def _post(self, generation: Generation, event: Delta | Finished) -> None:
+        self._outbox.append((generation, event))
+
+    def _deliver(self) -> None:
+        """Hand the step's events to the asyncio side: one wake-up per event loop per step, not per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Delta | Finished]]] = {}
+        for generation, event in self._outbox:
+            by_loop.setdefault(generation._loop, []).append((generation, event))
+        self._outbox = []
+        for loop, events in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is listening any more
+                loop.call_soon_threadsafe(_put_all, events)
 
     def _any_generation(self) -> bool:
         return any(slot.generation is not None for slot in self._slots)
@@ -320,7 +338,7 @@ class Engine:
         now = time.monotonic()
         for generation in [g for g in self._waiting if now > g.request.deadline]:
             self._waiting.remove(generation)
-            generation._emit(self._finished(generation, "timeout"))
+            self._post(generation, self._finished(generation, "timeout"))
         while self._waiting:
             free = [slot for slot in self._slots if slot.generation is None]
             if not free:
@@ -444,7 +462,7 @@ class Engine:
         n = self._llama.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
         text = generation.text.push(self._piece.raw[:max(n, 0)])
         if text:
-            generation._emit(Delta(text))
+            self._post(generation, Delta(text))
         if generation.text.stopped:
             self._finish(slot, "stop")
         elif generation.completion_tokens >= request.max_tokens or len(slot.tokens) >= self.ctx_per_slot:
@@ -466,7 +484,7 @@ class Engine:
         if reason in ("stop", "length", "timeout"):
             tail = generation.text.finish()
             if tail:
-                generation._emit(Delta(tail))
+                self._post(generation, Delta(tail))
         finished = self._finished(generation, reason, error)
         if not keep_cache:
             # A cancelled or failed answer is not a conversation anyone continues: give its cells back.
@@ -477,7 +495,7 @@ class Engine:
         self._release_sampler(slot)
         in_slot = slot.last_used - generation.admitted
         self._service_seconds = 0.9 * self._service_seconds + 0.1 * in_slot
-        generation._emit(finished)  # last: whoever reads it sees the slot already free
+        self._post(generation, finished)  # last: whoever reads it sees the slot already free
 
     def _forget(self, slot: Slot) -> None:
         self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
@@ -487,6 +505,11 @@ class Engine:
         if slot.sampler is not None:
             self._llama.llama_sampler_free(slot.sampler)
             slot.sampler = None
+
+
+def _put_all(events: list[tuple[Generation, Delta | Finished]]) -> None:
+    for generation, event in events:
+        generation.events.put_nowait(event)
 
 
 def lone_long_rows(plan: dict[int, tuple[int, int]]) -> list[int]:

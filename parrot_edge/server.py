@@ -48,6 +48,9 @@ def serve_command(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(f"parrot-edge: serving {model.name} on http://{settings.host}:{settings.port}/v1\n  memory plan: "
           f"{plan.summary()}", file=sys.stderr, flush=True)
+    # The engine thread gives up the GIL inside every llama_decode and wants it back the moment the step
+    # ends; by default it may wait 5 ms for the thread streaming answers to yield, a sixth of a step.
+    sys.setswitchinterval(0.0005)
     uvicorn.run(create_app(settings, load_engine), host=settings.host, port=settings.port, log_level="warning",
                 timeout_graceful_shutdown=5)
     return 0

@@ -202,6 +202,7 @@ class ClassroomRun:
     seconds: float = 0.0
     ttfts: list[float] = field(default_factory=list)
     errors: int = 0
+    first_error: str = ""
     turn_ttfts: dict[int, list[float]] = field(default_factory=dict)
 
     @property
@@ -220,7 +221,9 @@ async def classroom(server: Server, students: int, requests: int, max_tokens: in
                     turns: bool) -> ClassroomRun:
     run = ClassroomRun()
     model = await model_id(server.url)
-    limits = httpx.Limits(max_connections=students * 2, max_keepalive_connections=students * 2)
+    # A fresh loopback connection per request, for every server alike: llama-server closes kept-alive
+    # connections under load, and a client racing that close would count as that server's error.
+    limits = httpx.Limits(max_connections=students * 2, max_keepalive_connections=0)
 
     async def student(s: int, client: httpx.AsyncClient) -> None:
         messages = [{"role": "system", "content": SYSTEM}]
@@ -232,8 +235,9 @@ async def classroom(server: Server, students: int, requests: int, max_tokens: in
                             {"role": "user", "content": question(round_ * 1000 + s * requests + r)}]
             try:
                 answer = await stream_chat(client, server.url, model, messages, max_tokens)
-            except (httpx.HTTPError, RuntimeError):
+            except (httpx.HTTPError, RuntimeError) as exc:
                 run.errors += 1
+                run.first_error = run.first_error or f"{type(exc).__name__}: {exc}"
                 continue
             run.tokens += answer.tokens
             run.ttfts.append(answer.ttft)
@@ -390,6 +394,8 @@ def bench_classroom_command(args) -> int:
     for name in runs:
         errors = sum(run.errors for run in runs[name])
         print(f"  {name:<18} {med(name, speed):8.1f} {med(name, p50):8.2f}s {med(name, p95):8.2f}s {errors:7d}")
+        if errors:
+            print(f"    first error: {next(run.first_error for run in runs[name] if run.first_error)}")
     print(f"  batched ceiling: one llama_decode over {args.students} tokens = {ceiling:.1f} tok/s")
     for name in [n for n in runs if n != "parrot-edge"]:
         print(f"  parrot-edge vs {name}: {med('parrot-edge', speed) / med(name, speed):.2f}× tok/s, "
