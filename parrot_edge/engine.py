@@ -11,7 +11,10 @@ sampler chain. A long prompt therefore delays the others' streaming by at most o
 
 A slot keeps the tokens it has evaluated after its request ends. A new request goes to the free slot
 sharing the longest prefix with its prompt, and only the rest of the prompt is evaluated: a student's
-next turn, which re-sends the whole conversation, costs only the new message.
+next turn, which re-sends the whole conversation, costs only the new message. Before a slot's
+conversation is overwritten it is put aside in RAM ("the shelf", a bounded LRU of llama.cpp sequence
+states); a request that continues a shelved conversation better than any slot gets it copied back, so a
+class with more students than slots still pays only for new messages.
 
 Exactness. llama.cpp's CPU flash attention computes every query row on its own, so a token's logits and
 K/V come out bit-identical whatever batch, chunk or company it is evaluated in, except on two faster
@@ -123,6 +126,7 @@ class Generation:
 # Exactness limits of llama.cpp's CPU flash attention (ggml-cpu ops.cpp, see the top of this file).
 UBATCH_ROWS = 63  # the tiled kernel starts at 64 query rows of one sequence
 SPLIT_KV_CELLS = 256  # a lone row over more cells than this takes the split kernel (llama.cpp pads n_kv to 256)
+SHELVE_MIN_TOKENS = 32  # shorter conversations cost less to evaluate again than to keep
 
 
 @dataclass
@@ -133,6 +137,14 @@ class Slot:
     pending: list[int] = field(default_factory=list)  # tokens to evaluate next (prompt rest, or the last sample)
     sampler: object = None
     last_used: float = 0.0
+
+
+@dataclass
+class Shelved:
+    """A conversation put aside: its tokens and its llama.cpp sequence state (the KV cells, bit for bit)."""
+
+    tokens: list[int]
+    state: ctypes.Array
 
 
 @dataclass
@@ -168,7 +180,7 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
 
 class Engine:
     def __init__(self, model_path: Path, *, name: str, slots: int, ctx_per_slot: int, threads: int | None = None,
-                 prefill_chunk: int = 256, queue_size: int = 64):
+                 prefill_chunk: int = 256, queue_size: int = 64, shelf_bytes: int = 64 * 2**20):
         self._llama = llama = llamacpp.lib()
         self._model = llamacpp.load_model(model_path)
         self._vocab = llama.llama_model_get_vocab(self._model)
@@ -197,10 +209,14 @@ class Engine:
         self._slots = [Slot(seq_id=i) for i in range(slots)]
         self._waiting: collections.deque[Generation] = collections.deque()
         self._outbox: list[tuple[Generation, Delta | Finished]] = []  # the worker's events, delivered per step
+        self._shelf: collections.OrderedDict[int, Shelved] = collections.OrderedDict()  # oldest first
+        self._shelf_ids = itertools.count()
+        self.shelf_bytes = shelf_bytes
         self._wake = threading.Condition()
         self._running = True
         self._service_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
-        self.stats = {"steps": 0, "batch_tokens": 0, "reevaluated_tokens": 0, "decode_errors": 0}
+        self.stats = {"steps": 0, "batch_tokens": 0, "reevaluated_tokens": 0, "decode_errors": 0,
+                      "shelved": 0, "unshelved": 0}
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="parrot-edge-engine", daemon=True)
         self._thread.start()
@@ -344,7 +360,13 @@ class Engine:
             if not free:
                 return
             generation = self._waiting.popleft()
-            self._assign(self._choose_slot(free, generation.request.prompt), generation, now)
+            slot = self._choose_slot(free, generation.request.prompt)
+            try:
+                self._assign(slot, generation, now)
+            except Exception as exc:  # never let one request take the worker down
+                log.exception("admitting a request failed")
+                slot.generation = generation
+                self._finish(slot, "error", error=str(exc), keep_cache=False)
 
     @staticmethod
     def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -360,8 +382,14 @@ class Engine:
 
     def _assign(self, slot: Slot, generation: Generation, now: float) -> None:
         prompt = generation.request.prompt
+        shared = self._common_prefix(slot.tokens, prompt)
+        if len(slot.tokens) > max(shared, SHELVE_MIN_TOKENS):
+            self._shelve(slot)  # what this request would overwrite stays available to whoever continues it
+        shelved_id, shelved_shared = self._best_on_shelf(prompt)
+        if shelved_shared > shared and self._unshelve(shelved_id, slot):
+            shared = shelved_shared
         # Keep the shared prefix, but evaluate at least the last token: its logits start the answer.
-        keep = min(self._common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        keep = min(shared, len(prompt) - 1)
         if keep < len(slot.tokens) and not self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
             self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             keep = 0
@@ -496,6 +524,45 @@ class Engine:
         in_slot = slot.last_used - generation.admitted
         self._service_seconds = 0.9 * self._service_seconds + 0.1 * in_slot
         self._post(generation, finished)  # last: whoever reads it sees the slot already free
+
+    # -- the shelf: conversations put aside in RAM
+
+    def _best_on_shelf(self, prompt: list[int]) -> tuple[int | None, int]:
+        best_id, best = None, 0
+        for shelved_id, shelved in self._shelf.items():
+            shared = self._common_prefix(shelved.tokens, prompt)
+            if shared > best:
+                best_id, best = shelved_id, shared
+        return best_id, best
+
+    def _shelve(self, slot: Slot) -> None:
+        llama = self._llama
+        size = llama.llama_state_seq_get_size(self._ctx, slot.seq_id)
+        if not size or size > self.shelf_bytes:
+            return
+        state = (ctypes.c_uint8 * size)()
+        if llama.llama_state_seq_get_data(self._ctx, state, size, slot.seq_id) != size:
+            return
+        tokens = list(slot.tokens)
+        for shelved_id in [i for i, s in self._shelf.items() if tokens[:len(s.tokens)] == s.tokens]:
+            del self._shelf[shelved_id]  # an earlier turn of this conversation: the new state holds it all
+        self._shelf[next(self._shelf_ids)] = Shelved(tokens, state)
+        used = sum(len(s.state) for s in self._shelf.values())
+        while used > self.shelf_bytes:
+            _, oldest = self._shelf.popitem(last=False)
+            used -= len(oldest.state)
+        self.stats["shelved"] += 1
+
+    def _unshelve(self, shelved_id: int, slot: Slot) -> bool:
+        """Copy a shelved conversation into `slot` (which must be free); False leaves the slot empty."""
+        shelved = self._shelf.pop(shelved_id)
+        self._forget(slot)
+        if self._llama.llama_state_seq_set_data(self._ctx, shelved.state, len(shelved.state), slot.seq_id) == 0:
+            self._forget(slot)
+            return False
+        slot.tokens = list(shelved.tokens)
+        self.stats["unshelved"] += 1
+        return True
 
     def _forget(self, slot: Slot) -> None:
         self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)

@@ -6,13 +6,14 @@ parrot_edge.engine.context_params: flash attention, micro-batches of at most 63 
 
   weights   = the GGUF's size             llama.cpp maps the file, and every decode step reads all of it
   kv_cache  = n_layer × slots × ctx_per_slot × (k_dim + v_dim) × 2     f16 keys and values, every cell
-  overhead  = activations + attention + logits + margin
+  overhead  = activations + attention + logits + margin + shelf
     activations = ubatch × (12·n_embd + 2·n_ff) × 4     what a full micro-batch touches of llama.cpp's
                                                         compute buffer
     attention   = 2 × ubatch × ctx_per_slot × 4         the attention mask, in f32 and f16 (flash
                                                         attention keeps no score matrix)
     logits      = 2 × slots × n_vocab × 4               a row per student per step, computed and copied out
     margin      = 16 MB + n_vocab × 512                 tokenizer tables, graph and thread-pool allocations
+    shelf       = settings.shelf_mb                     conversations put aside when their slot is reused
 
 llama.cpp reserves its compute buffer for a batch in which every token returns logits (batch × n_vocab × 4);
 the engine asks for one row per sequence, so that reservation is mostly never touched and is not counted.
@@ -144,7 +145,7 @@ def cgroup_headroom(cgroup: Path, root: Path) -> int | None:
 
 
 def plan_memory(info: ModelInfo, slots: int | None = None, ctx_per_slot: int | None = None,
-                available: int | None = None) -> MemoryPlan:
+                available: int | None = None, shelf: int = 0) -> MemoryPlan:
     """The memory plan for serving `info`; unset slots become the most (8 down to 1) that fit.
 
     Raises a ParrotEdgeError with the numbers and what to change when even the smallest plan does not fit.
@@ -156,24 +157,24 @@ def plan_memory(info: ModelInfo, slots: int | None = None, ctx_per_slot: int | N
     available = available_memory() if available is None else available
     budget = int(available * USABLE_FRACTION)
     for n in [slots] if slots else range(DEFAULT_SLOTS, 0, -1):
-        plan = _plan(info, n, ctx, available)
+        plan = _plan(info, n, ctx, available, shelf)
         if plan.total <= budget:
             return plan
-    raise ParrotEdgeError(_does_not_fit(info, plan, budget))
+    raise ParrotEdgeError(_does_not_fit(info, plan, budget, shelf))
 
 
-def _plan(info: ModelInfo, slots: int, ctx: int, available: int) -> MemoryPlan:
+def _plan(info: ModelInfo, slots: int, ctx: int, available: int, shelf: int) -> MemoryPlan:
     kv_cache = slots * ctx * info.kv_bytes_per_token
     activations = MAX_UBATCH * (12 * info.n_embd + 2 * info.n_ff) * 4
     attention = 2 * MAX_UBATCH * ctx * 4
     logits = 2 * slots * info.n_vocab * 4
     margin = 16_000_000 + info.n_vocab * 512
-    overhead = activations + attention + logits + margin
+    overhead = activations + attention + logits + margin + shelf
     return MemoryPlan(slots, ctx, info.file_size, kv_cache, overhead, info.file_size + kv_cache + overhead,
                       available)
 
 
-def _does_not_fit(info: ModelInfo, plan: MemoryPlan, budget: int) -> str:
+def _does_not_fit(info: ModelInfo, plan: MemoryPlan, budget: int, shelf: int) -> str:
     message = (f"not enough memory for {info.path.name}: {_slots(plan.slots)} × {plan.ctx_per_slot} tokens "
                f"need {plan.total / 1e6:,.0f} MB (weights {plan.weights / 1e6:,.0f} MB + KV cache "
                f"{plan.kv_cache / 1e6:,.0f} MB + overhead {plan.overhead / 1e6:,.0f} MB), but only "
@@ -181,7 +182,7 @@ def _does_not_fit(info: ModelInfo, plan: MemoryPlan, budget: int) -> str:
                "available)")
 
     def fits(slots: int, ctx: int) -> bool:
-        return _plan(info, slots, ctx, plan.available).total <= budget
+        return _plan(info, slots, ctx, plan.available, shelf).total <= budget
 
     if not fits(1, CTX_STEP):
         return (message + ". The model alone does not fit: close other programs, or use a smaller "

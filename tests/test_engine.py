@@ -13,6 +13,7 @@ from parrot_edge.engine import Engine, Finished, PromptTooLong, QueueFull, Reque
 from parrot_edge.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
+SHELF_BYTES = 24 * 2**20
 QUESTIONS = [
     "What is the capital of France?",
     "¿Cuál es la capital de España?",
@@ -28,7 +29,8 @@ LONG_QUESTION = ("Here are my notes from class. " + "The moon orbits the Earth a
 
 @pytest.fixture(scope="module")
 def engine(default_gguf):
-    engine = Engine(default_gguf, name="smollm2", slots=4, ctx_per_slot=1024, prefill_chunk=64, queue_size=8)
+    engine = Engine(default_gguf, name="smollm2", slots=4, ctx_per_slot=1024, prefill_chunk=64, queue_size=8,
+                    shelf_bytes=SHELF_BYTES)
     yield engine
     engine.close()
 
@@ -134,6 +136,34 @@ def test_prefix_reuse_matches_cold_evaluation(default_gguf, engine, first_questi
         assert text == want, f"turn {turn + 1}: warm {want!r} != cold {text!r}"
 
 
+def test_a_conversation_whose_slot_was_taken_comes_back_from_the_shelf(default_gguf, engine):
+    """More students than slots: the first student's slot is reused by others meanwhile; the next turn is
+    copied back from RAM, evaluates only the new message, and answers exactly as a cold evaluation."""
+    first = [{"role": "user", "content": LONG_QUESTION}]
+
+    async def scenario():
+        answer, _ = await run(engine, Request(prompt=chat_tokens(engine, first), sampling=GREEDY, max_tokens=16))
+        others = [ask(engine, f"{q} Answer briefly, please, in one sentence. ({i})", max_tokens=16)
+                  for i, q in enumerate(QUESTIONS * 2)]
+        await asyncio.gather(*(run(engine, request) for request in others))  # every slot now holds another student
+        conversation = [*first, {"role": "assistant", "content": answer},
+                        {"role": "user", "content": "How far away is it?"}]
+        unshelved_before = engine.stats["unshelved"]
+        text, finished = await run(engine, Request(prompt=chat_tokens(engine, conversation), sampling=GREEDY,
+                                                   max_tokens=24))
+        return conversation, text, finished, engine.stats["unshelved"] - unshelved_before
+
+    conversation, warm, finished, unshelved = asyncio.run(scenario())
+    assert unshelved == 1 and finished.cached_tokens > 300, (unshelved, finished.cached_tokens)
+    cold = Engine(default_gguf, name="cold", slots=1, ctx_per_slot=1024)
+    try:
+        text, cold_finished = asyncio.run(run(cold, Request(prompt=chat_tokens(cold, conversation), sampling=GREEDY,
+                                                             max_tokens=24)))
+    finally:
+        cold.close()
+    assert cold_finished.cached_tokens == 0 and text == warm
+
+
 def test_prompt_too_long_and_empty(engine):
     with pytest.raises(PromptTooLong) as exc:
         asyncio.run(run(engine, Request(prompt=[100] * 1024)))
@@ -178,7 +208,7 @@ def test_many_requests_leave_memory_and_kv_flat(engine):
                 return await run(engine, ask(engine, question, max_tokens=4))
         return await asyncio.gather(*(one(i) for i in range(n)))
 
-    asyncio.run(wave(50, 4))  # warm up allocator and caches
+    asyncio.run(wave(50, 4))  # warm up allocator and caches, and fill the shelf
     gc.collect()
     before = process.memory_info().rss
     asyncio.run(wave(250, 1))
@@ -186,6 +216,7 @@ def test_many_requests_leave_memory_and_kv_flat(engine):
     gc.collect()
     grown = process.memory_info().rss - before
     assert grown < 20 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB over 500 requests"
+    assert 0 < sum(len(shelved.state) for shelved in engine._shelf.values()) <= SHELF_BYTES
     for believed, held in engine.slot_kv_state():
         assert believed == held, "a slot's KV cells disagree with what the engine thinks it holds"
     assert engine.snapshot()["slots_busy"] == 0 and engine.snapshot()["queue_depth"] == 0
