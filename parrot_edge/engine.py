@@ -126,6 +126,10 @@ class Generation:
 # Exactness limits of llama.cpp's CPU flash attention (ggml-cpu ops.cpp, see the top of this file).
 UBATCH_ROWS = 63  # the tiled kernel starts at 64 query rows of one sequence
 SPLIT_KV_CELLS = 256  # a lone row over more cells than this takes the split kernel (llama.cpp pads n_kv to 256)
+# After handing a step's events over, wait (at most this long) for the asyncio side to send them before the
+# next llama_decode: on a small machine, streaming concurrently with decoding steals a core from llama.cpp's
+# threads, which then wait for each other at every operation.
+HANDOFF_WAIT = 0.005
 SHELVE_MIN_TOKENS = 32  # shorter conversations cost less to evaluate again than to keep
 
 
@@ -342,9 +346,12 @@ class Engine:
         for generation, event in self._outbox:
             by_loop.setdefault(generation._loop, []).append((generation, event))
         self._outbox = []
+        handled = threading.Event()
         for loop, events in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is listening any more
-                loop.call_soon_threadsafe(_put_all, events)
+                loop.call_soon_threadsafe(_put_all, events, handled)
+        if by_loop:
+            handled.wait(HANDOFF_WAIT)
 
     def _any_generation(self) -> bool:
         return any(slot.generation is not None for slot in self._slots)
@@ -574,9 +581,11 @@ class Engine:
             slot.sampler = None
 
 
-def _put_all(events: list[tuple[Generation, Delta | Finished]]) -> None:
+def _put_all(events: list[tuple[Generation, Delta | Finished]], handled: threading.Event) -> None:
     for generation, event in events:
         generation.events.put_nowait(event)
+    # Queued after the readers these events wake: runs once they have sent their chunks.
+    asyncio.get_running_loop().call_soon(handled.set)
 
 
 def lone_long_rows(plan: dict[int, tuple[int, int]]) -> list[int]:
