@@ -37,6 +37,7 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -177,8 +178,8 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
     params.kv_unified = False  # each slot owns its cells: attention never scans other students' tokens
     params.flash_attn_type = 1  # on: per-row attention makes batching exact (see top), and it is faster
     params.no_perf = True
-    if threads:
-        params.n_threads = params.n_threads_batch = threads
+    # Default: one thread per CPU this process may use (llama.cpp's own default of 4 oversubscribes 2 cores).
+    params.n_threads = params.n_threads_batch = threads or len(os.sched_getaffinity(0))
     return params
 
 

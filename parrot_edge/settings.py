@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     slots: int | None = Field(None, ge=1, le=256, description="Concurrent sequences; derived from memory if unset.")
     ctx_per_slot: int | None = Field(None, ge=64, description="Context tokens per slot; derived if unset.")
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="llama.cpp threads; default: the CPUs this process may use.")
     prefill_chunk: int = Field(256, ge=16, description="Prompt tokens per engine step, all prompts together.")
     queue_size: int = Field(64, ge=0, description="Requests waiting for a slot before 503.")
     shelf_mb: int = Field(64, ge=0, description="RAM (MB) for conversations put aside when their slot is reused.")

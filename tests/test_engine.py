@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 
 import psutil
 import pytest
 
+from parrot_edge import llamacpp
 from parrot_edge.chat_template import render_chat
-from parrot_edge.engine import Engine, Finished, PromptTooLong, QueueFull, Request
+from parrot_edge.engine import Engine, Finished, PromptTooLong, QueueFull, Request, context_params
 from parrot_edge.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -239,3 +241,9 @@ def test_tiny_converted_model_is_exact_under_batching_and_reuse(tiny_gguf):
         assert any(finished.cached_tokens > 0 for _, finished in together)  # the default template's prefix
     finally:
         tiny.close()
+
+
+def test_llama_threads_default_to_the_cpus_this_process_may_use():
+    params = context_params(llamacpp.lib(), slots=2, ctx_per_slot=256, prefill_chunk=64)
+    assert params.n_threads == params.n_threads_batch == len(os.sched_getaffinity(0))
+    assert context_params(llamacpp.lib(), slots=2, ctx_per_slot=256, prefill_chunk=64, threads=1).n_threads == 1
