@@ -47,6 +47,7 @@ import numpy as np
 
 from parrot_edge import llamacpp
 from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.memory import UBATCH_ROWS
 from parrot_edge.sampling import SamplingParams, build_chain
 from parrot_edge.textstream import TextStream
 
@@ -124,8 +125,8 @@ class Generation:
         self.events.put_nowait(event)
 
 
-# Exactness limits of llama.cpp's CPU flash attention (ggml-cpu ops.cpp, see the top of this file).
-UBATCH_ROWS = 63  # the tiled kernel starts at 64 query rows of one sequence
+# Exactness limits of llama.cpp's CPU flash attention (ggml-cpu ops.cpp, see the top of this file); the
+# other, UBATCH_ROWS (the tiled kernel starts at 64 rows of one sequence), lives in parrot_edge.memory.
 SPLIT_KV_CELLS = 256  # a lone row over more cells than this takes the split kernel (llama.cpp pads n_kv to 256)
 # After handing a step's events over, wait (at most this long) for the asyncio side to send them before the
 # next llama_decode: on a small machine, streaming concurrently with decoding steals a core from llama.cpp's
@@ -347,12 +348,13 @@ class Engine:
         for generation, event in self._outbox:
             by_loop.setdefault(generation._loop, []).append((generation, event))
         self._outbox = []
+        if not by_loop:
+            return
         handled = threading.Event()
         for loop, events in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, events, handled)
-        if by_loop:
-            handled.wait(HANDOFF_WAIT)
+        handled.wait(HANDOFF_WAIT)
 
     def _any_generation(self) -> bool:
         return any(slot.generation is not None for slot in self._slots)

@@ -32,7 +32,9 @@ from parrot_edge.gguf_check import StringArray, read_header
 
 DEFAULT_SLOTS = 8
 DEFAULT_CTX_PER_SLOT = 2048
-MAX_UBATCH = 63  # the engine's micro-batch (parrot_edge.engine.UBATCH_ROWS)
+# The engine's micro-batch: llama.cpp's flash attention tiles (and rounds differently) from 64 rows of one
+# sequence on, see parrot_edge/engine.py. Defined here so the memory plan stays importable without llama.cpp.
+UBATCH_ROWS = 63
 USABLE_FRACTION = 0.85  # leave the rest to the OS, the server itself and the desktop
 CTX_STEP = 256  # llama.cpp rounds context sizes up to this
 SMALLER_QUANTS = "Q4_0 or Q4_K_M instead of Q8_0 or F16"
@@ -165,8 +167,8 @@ def plan_memory(info: ModelInfo, slots: int | None = None, ctx_per_slot: int | N
 
 def _plan(info: ModelInfo, slots: int, ctx: int, available: int, shelf: int) -> MemoryPlan:
     kv_cache = slots * ctx * info.kv_bytes_per_token
-    activations = MAX_UBATCH * (12 * info.n_embd + 2 * info.n_ff) * 4
-    attention = 2 * MAX_UBATCH * ctx * 4
+    activations = UBATCH_ROWS * (12 * info.n_embd + 2 * info.n_ff) * 4
+    attention = 2 * UBATCH_ROWS * ctx * 4
     logits = 2 * slots * info.n_vocab * 4
     margin = 16_000_000 + info.n_vocab * 512
     overhead = activations + attention + logits + margin + shelf

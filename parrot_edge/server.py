@@ -34,8 +34,9 @@ def serve_command(args) -> int:
     probe = probe_llama_cpp()
     if not probe.ok:
         raise ParrotEdgeError(probe.message)
+    shelf_bytes = settings.shelf_mb * 2**20
     plan = plan_memory(read_model_info(model.path), slots=settings.slots, ctx_per_slot=settings.ctx_per_slot,
-                       shelf=settings.shelf_mb * 2**20)
+                       shelf=shelf_bytes)
 
     import uvicorn
 
@@ -45,7 +46,7 @@ def serve_command(args) -> int:
     def load_engine() -> Engine:
         return Engine(model.path, name=model.name, slots=plan.slots, ctx_per_slot=plan.ctx_per_slot,
                       threads=settings.threads, prefill_chunk=settings.prefill_chunk, queue_size=settings.queue_size,
-                      shelf_bytes=settings.shelf_mb * 2**20)
+                      shelf_bytes=shelf_bytes)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(f"parrot-edge: serving {model.name} on http://{settings.host}:{settings.port}/v1\n  memory plan: "

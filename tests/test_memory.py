@@ -10,7 +10,7 @@ import pytest
 
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.memory import (
-    MAX_UBATCH,
+    UBATCH_ROWS,
     ModelInfo,
     available_memory,
     cgroup_headroom,
@@ -36,8 +36,8 @@ def test_default_plan_for_the_default_model(info):
     assert (plan.slots, plan.ctx_per_slot) == (8, 2048)
     assert plan.weights == 98_362_432
     assert plan.kv_cache == 8 * 2048 * 23_040 == 377_487_360
-    activations = MAX_UBATCH * (12 * 576 + 2 * 1536) * 4
-    attention = 2 * MAX_UBATCH * 2048 * 4
+    activations = UBATCH_ROWS * (12 * 576 + 2 * 1536) * 4
+    attention = 2 * UBATCH_ROWS * 2048 * 4
     assert plan.overhead == activations + attention + 2 * 8 * 49152 * 4 + 16_000_000 + 49152 * 512
     assert plan.total == plan.weights + plan.kv_cache + plan.overhead == 523_709_504
     assert plan.summary() == ("8 slots × 2048 tokens: weights 98 MB + KV cache 377 MB + overhead 48 MB = 524 MB, "
