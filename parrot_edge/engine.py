@@ -4,7 +4,8 @@ The context holds `slots` sequences, each with its own `ctx_per_slot` KV cells. 
 owns it and loops over steps; each step puts into one `llama_batch`, ordered by sequence,
 
   * the next token of every sequence that is generating, and
-  * up to `prefill_chunk` prompt tokens of sequences still reading their prompt (oldest first),
+  * up to `prefill_chunk` prompt tokens of sequences still reading their prompt (oldest first, at most
+    62 of each),
 
 then calls `llama_decode` once and samples every sequence that produced logits with its own native
 sampler chain. A long prompt therefore delays the others' streaming by at most one chunk per step.
@@ -14,13 +15,16 @@ sharing the longest prefix with its prompt, and only the rest of the prompt is e
 next turn, which re-sends the whole conversation, costs only the new message. Before a slot's
 conversation is overwritten it is put aside in RAM ("the shelf", a bounded LRU of llama.cpp sequence
 states); a request that continues a shelved conversation better than any slot gets it copied back, so a
-class with more students than slots still pays only for new messages.
+class with more students than slots still pays only for new messages. And a prompt that begins like
+another slot's conversation (every student's chat starts with the same system prompt) borrows those
+cells: a copy of the other sequence's state, cut to the shared part, waiting a step or two if the other
+slot is still evaluating it. A burst of students costs one system prompt, not one each.
 
 Exactness. llama.cpp's CPU flash attention computes every query row on its own, so a token's logits and
 K/V come out bit-identical whatever batch, chunk or company it is evaluated in, except on two faster
 kernels that round differently: a tiled one for 64 or more rows of one sequence in a micro-batch, and a
-split one for a micro-batch of a single row over more than 256 cells. Micro-batches of at most 63 rows
-rule out the first; for the second the engine predicts llama.cpp's split of its batch into micro-batches
+split one for a micro-batch of a single row over more than 256 cells. At most 63 rows of a sequence per
+step rule out the first; for the second the engine predicts llama.cpp's split of its batch into micro-batches
 (`lone_long_rows`) and gives any sequence that would be such a lone row a second one: its last cached
 token, evaluated again. So an answer is the same alone or in a full classroom, and the cache a slot keeps
 is bit-identical to a cold evaluation of the same conversation: reusing it never changes an answer.
@@ -47,7 +51,7 @@ import numpy as np
 
 from parrot_edge import llamacpp
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.memory import UBATCH_ROWS
+from parrot_edge.memory import MAX_SLOTS, SEQ_ROWS, UBATCH_ROWS
 from parrot_edge.sampling import SamplingParams, build_chain
 from parrot_edge.textstream import TextStream
 
@@ -89,7 +93,7 @@ class Finished:
     reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int  # prompt tokens reused from the slot's previous conversation
+    cached_tokens: int  # prompt tokens not evaluated: kept in the slot, unshelved or borrowed
     queued_ms: float
     prompt_ms: float  # admission → first token
     decode_ms: float  # first token → end
@@ -126,13 +130,18 @@ class Generation:
 
 
 # Exactness limits of llama.cpp's CPU flash attention (ggml-cpu ops.cpp, see the top of this file); the
-# other, UBATCH_ROWS (the tiled kernel starts at 64 rows of one sequence), lives in parrot_edge.memory.
+# other, SEQ_ROWS (the tiled kernel starts at 64 rows of one sequence), lives in parrot_edge.memory.
 SPLIT_KV_CELLS = 256  # a lone row over more cells than this takes the split kernel (llama.cpp pads n_kv to 256)
 # After handing a step's events over, wait (at most this long) for the asyncio side to send them before the
 # next llama_decode: on a small machine, streaming concurrently with decoding steals a core from llama.cpp's
 # threads, which then wait for each other at every operation.
 HANDOFF_WAIT = 0.005
+# Woken from idle, the worker waits while requests keep arriving less than BURST_GAP apart (at most
+# BURST_WINDOW) before its first step: a whole burst in one step costs less than a step alone plus the rest.
+BURST_GAP = 0.002
+BURST_WINDOW = 0.010
 SHELVE_MIN_TOKENS = 32  # shorter conversations cost less to evaluate again than to keep
+BORROW_MIN_TOKENS = 16  # fewer shared tokens than this are cheaper to evaluate than to wait for and copy
 
 
 @dataclass
@@ -143,6 +152,7 @@ class Slot:
     pending: list[int] = field(default_factory=list)  # tokens to evaluate next (prompt rest, or the last sample)
     sampler: object = None
     last_used: float = 0.0
+    lender: tuple[int, int] | None = None  # (slot, tokens) this prompt will borrow once that slot has them
 
 
 @dataclass
@@ -168,14 +178,13 @@ class ModelInfo:
 
 def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, threads: int | None = None):
     """The llama_context_params the engine runs with (the memory plan's test measures exactly these)."""
-    if slots >= UBATCH_ROWS:
-        raise ParrotEdgeError(f"at most {UBATCH_ROWS - 1} slots: every answering student's next token must fit in "
-                              f"one micro-batch of {UBATCH_ROWS} rows")
+    if slots > MAX_SLOTS:
+        raise ParrotEdgeError(f"at most {MAX_SLOTS} slots")
     params = llama.llama_context_default_params()
     params.n_seq_max = slots
     params.n_ctx = slots * ctx_per_slot
     params.n_batch = prefill_chunk + 2 * slots  # a step's most: two rows per slot plus a prompt chunk
-    params.n_ubatch = UBATCH_ROWS
+    params.n_ubatch = min(UBATCH_ROWS, params.n_batch)
     params.kv_unified = False  # each slot owns its cells: attention never scans other students' tokens
     params.flash_attn_type = 1  # on: per-row attention makes batching exact (see top), and it is faster
     params.no_perf = True
@@ -193,6 +202,7 @@ class Engine:
         params = context_params(llama, slots=slots, ctx_per_slot=ctx_per_slot, prefill_chunk=prefill_chunk,
                                 threads=threads)
         self.batch_capacity = params.n_batch
+        self.ubatch_rows = params.n_ubatch
         self._ctx = llama.llama_init_from_model(self._model, params)
         if not self._ctx:
             llama.llama_model_free(self._model)
@@ -222,7 +232,7 @@ class Engine:
         self._running = True
         self._service_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
         self.stats = {"steps": 0, "batch_tokens": 0, "reevaluated_tokens": 0, "decode_errors": 0,
-                      "shelved": 0, "unshelved": 0}
+                      "shelved": 0, "unshelved": 0, "borrowed_tokens": 0}
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="parrot-edge-engine", daemon=True)
         self._thread.start()
@@ -318,8 +328,10 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self._running and not self._waiting and not self._any_generation():
-                    self._wake.wait()
+                if not self._any_generation():
+                    while self._running and not self._waiting:
+                        self._wake.wait()
+                    self._gather_burst()
                 if not self._running:
                     break
                 self._admit()
@@ -338,6 +350,16 @@ class Engine:
             if slot.generation is not None:
                 self._finish(slot, "error", error="server shutting down", keep_cache=False)
         self._deliver()
+
+    def _gather_burst(self) -> None:
+        """Woken from idle by a request: let the rest of a burst (a class told "go") arrive first. Started
+        alone, the first prompt's step would make all the others wait for it."""
+        give_up = time.monotonic() + BURST_WINDOW
+        while self._running and len(self._waiting) < self.slots_total and time.monotonic() < give_up:
+            arrived = len(self._waiting)
+            self._wake.wait(BURST_GAP)
+            if len(self._waiting) == arrived:
+                return
 
     def _post(self, generation: Generation, event: Delta | Finished) -> None:
         self._outbox.append((generation, event))
@@ -408,6 +430,7 @@ class Engine:
         slot.generation = generation
         generation.cached_tokens = keep
         generation.admitted = now
+        self._find_lender(slot)
         slot.sampler = build_chain(self._llama, self._vocab, generation.request.sampling)
         if generation.request.sampling.has_penalties:
             for token in prompt:  # penalties look at the conversation so far, as llama.cpp's server does
@@ -423,6 +446,8 @@ class Engine:
                 self._finish(slot, "cancelled", keep_cache=False)
             elif now > generation.request.deadline:
                 self._finish(slot, "timeout")
+            elif slot.lender is not None:
+                self._try_borrow(slot)
 
         # What each sequence evaluates this step: its next token, or the next piece of its prompt.
         work: dict[int, list[int]] = {}
@@ -431,13 +456,14 @@ class Engine:
                 work[slot.seq_id] = slot.pending
                 slot.pending = []
         budget = self.prefill_chunk
-        prefilling = sorted((s for s in self._slots if s.generation is not None and not s.generation.first_token),
+        prefilling = sorted((s for s in self._slots if self._prefilling(s) and s.lender is None),
                             key=lambda s: s.generation.admitted)
         for slot in prefilling:
             if budget == 0:
                 break
-            work[slot.seq_id] = slot.pending[:budget]
-            del slot.pending[:budget]
+            piece = min(budget, SEQ_ROWS - 1)  # room for a companion row (below)
+            work[slot.seq_id] = slot.pending[:piece]
+            del slot.pending[:piece]
             budget -= len(work[slot.seq_id])
         if not work:
             return
@@ -475,14 +501,18 @@ class Engine:
 
     def _keep_attention_exact(self, work: dict[int, list[int]]) -> None:
         """Give every sequence that llama.cpp would evaluate as a lone row over many cells a second row: its
-        last cached token, removed from the cache and evaluated again (to the same values)."""
+        last cached token, removed from the cache and evaluated again (to the same values). A prompt piece
+        with no room for one more row gives its last row back to the next step instead."""
         for _ in range(len(work)):
             lone = lone_long_rows({seq_id: (len(self._slots[seq_id].tokens), len(tokens))
-                                   for seq_id, tokens in work.items()})
+                                   for seq_id, tokens in work.items()}, self.ubatch_rows)
             if not lone:
                 return
             for seq_id in lone:
                 slot = self._slots[seq_id]
+                if len(work[seq_id]) >= SEQ_ROWS:
+                    slot.pending.insert(0, work[seq_id].pop())
+                    continue
                 if not self._llama.llama_memory_seq_rm(self._memory, seq_id, len(slot.tokens) - 1, -1):
                     return
                 work[seq_id] = [slot.tokens.pop(), *work[seq_id]]
@@ -528,6 +558,7 @@ class Engine:
             # A cancelled or failed answer is not a conversation anyone continues: give its cells back.
             self._forget(slot)
         slot.pending.clear()
+        slot.lender = None
         slot.generation = None
         slot.last_used = time.monotonic()
         self._release_sampler(slot)
@@ -574,6 +605,57 @@ class Engine:
         self.stats["unshelved"] += 1
         return True
 
+    # -- borrowing: a prompt's opening copied from another slot
+
+    @staticmethod
+    def _prefilling(slot: Slot) -> bool:
+        return slot.generation is not None and not slot.generation.first_token
+
+    def _planned(self, slot: Slot) -> list[int]:
+        """What a slot's cells hold, or will hold once it has read its prompt."""
+        return slot.tokens + slot.pending if self._prefilling(slot) and slot.lender is None else slot.tokens
+
+    def _find_lender(self, slot: Slot) -> None:
+        prompt = slot.generation.request.prompt
+        best, lender = len(slot.tokens) + BORROW_MIN_TOKENS - 1, None
+        for other in self._slots:
+            if other is not slot and other.lender is None:  # a borrower never lends: no one waits in a circle
+                shared = min(self._common_prefix(self._planned(other), prompt), len(prompt) - 1)
+                if shared > best:
+                    best, lender = shared, other
+        if lender is not None:
+            slot.lender = (lender.seq_id, best)
+            self._try_borrow(slot)
+
+    def _try_borrow(self, slot: Slot) -> None:
+        """Copy the promised prefix from the lender once it holds it; give up if it never will."""
+        seq_id, promised = slot.lender
+        lender = self._slots[seq_id]
+        prompt = slot.generation.request.prompt
+        if (len(lender.tokens) < promised and lender.lender is None and self._prefilling(lender)
+                and self._common_prefix(self._planned(lender), prompt) >= promised):
+            return  # still evaluating it: wait
+        slot.lender = None
+        held = self._common_prefix(lender.tokens, prompt[:promised])
+        if held < len(slot.tokens) + BORROW_MIN_TOKENS:
+            return
+        llama = self._llama
+        size = llama.llama_state_seq_get_size(self._ctx, seq_id)
+        state = (ctypes.c_uint8 * size)()
+        if not size or llama.llama_state_seq_get_data(self._ctx, state, size, seq_id) != size:
+            return
+        self._forget(slot)
+        if (llama.llama_state_seq_set_data(self._ctx, state, size, slot.seq_id) == 0
+                or not llama.llama_memory_seq_rm(self._memory, slot.seq_id, held, -1)):
+            self._forget(slot)
+            slot.pending = list(prompt)
+            slot.generation.cached_tokens = 0
+            return
+        slot.tokens = prompt[:held]
+        slot.pending = prompt[held:]
+        slot.generation.cached_tokens = held
+        self.stats["borrowed_tokens"] += held
+
     def _forget(self, slot: Slot) -> None:
         self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         slot.tokens.clear()
@@ -591,7 +673,7 @@ def _put_all(events: list[tuple[Generation, Delta | Finished]], handled: threadi
     asyncio.get_running_loop().call_soon(handled.set)
 
 
-def lone_long_rows(plan: dict[int, tuple[int, int]]) -> list[int]:
+def lone_long_rows(plan: dict[int, tuple[int, int]], ubatch_rows: int) -> list[int]:
     """The sequences llama.cpp would evaluate as a micro-batch of one row over more than SPLIT_KV_CELLS cells.
 
     `plan` maps each sequence in the batch to (cells it holds before the step, rows it adds). This follows
@@ -607,7 +689,7 @@ def lone_long_rows(plan: dict[int, tuple[int, int]]) -> list[int]:
             if run and seq_id != run[-1] + 1:
                 break
             run.append(seq_id)
-        take = min(min(left[seq_id] for seq_id in run), UBATCH_ROWS // len(run))
+        take = min(min(left[seq_id] for seq_id in run), max(1, ubatch_rows // len(run)))
         for seq_id in run:
             cells[seq_id] += take
             left[seq_id] -= take

@@ -70,7 +70,8 @@ class Metrics:
         self.requests = Counter("parrot_edge_requests_total", "Requests by endpoint and outcome.")
         self.prompt_tokens = Counter("parrot_edge_prompt_tokens_total", "Prompt tokens received.")
         self.cached_tokens = Counter("parrot_edge_prompt_tokens_cached_total",
-                                     "Prompt tokens reused from a slot's previous conversation.")
+                                     "Prompt tokens not evaluated: kept in a slot, restored from the shelf, "
+                                     "or borrowed from another slot.")
         self.completion_tokens = Counter("parrot_edge_completion_tokens_total", "Tokens generated.")
         self.ttft = Histogram("parrot_edge_time_to_first_token_seconds", "Arrival to first token, queueing included.",
                               (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))

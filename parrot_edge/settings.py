@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.memory import MAX_SLOTS
 
 
 def is_loopback(host: str) -> bool:
@@ -59,7 +60,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="Bearer key; required when binding a non-loopback address.")
     api_key_file: Path | None = None
     cors_origins: list[str] = Field(default_factory=list)
-    slots: int | None = Field(None, ge=1, le=256, description="Concurrent sequences; derived from memory if unset.")
+    slots: int | None = Field(None, ge=1, le=MAX_SLOTS,
+                              description="Concurrent sequences; derived from memory if unset.")
     ctx_per_slot: int | None = Field(None, ge=64, description="Context tokens per slot; derived if unset.")
     threads: int | None = Field(None, ge=1, description="llama.cpp threads; default: the CPUs this process may use.")
     prefill_chunk: int = Field(256, ge=16, description="Prompt tokens per engine step, all prompts together.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import time
 
 import psutil
 import pytest
@@ -164,6 +165,102 @@ def test_a_conversation_whose_slot_was_taken_comes_back_from_the_shelf(default_g
     finally:
         cold.close()
     assert cold_finished.cached_tokens == 0 and text == warm
+
+
+TEACHER = ("You are a patient teacher in a rural school. Answer simply, kindly and briefly, "
+           "in the language of the question. ") * 4
+
+
+def teacher_request(engine: Engine, question: str) -> Request:
+    messages = [{"role": "system", "content": TEACHER}, {"role": "user", "content": question}]
+    return Request(prompt=chat_tokens(engine, messages), sampling=GREEDY, max_tokens=24)
+
+
+def cold_answers(default_gguf, questions: list[str]) -> list[str]:
+    """Each request on a fresh engine: everything evaluated from nothing."""
+    answers = []
+    for question in questions:
+        cold = Engine(default_gguf, name="cold", slots=1, ctx_per_slot=1024)
+        try:
+            text, finished = asyncio.run(run(cold, teacher_request(cold, question)))
+        finally:
+            cold.close()
+        assert finished.cached_tokens == 0
+        answers.append(text)
+    return answers
+
+
+def test_a_burst_sharing_a_system_prompt_evaluates_it_once(default_gguf):
+    """A class starts at once with the same system prompt: one slot evaluates it (in several chunks, while the
+    others wait), the others borrow its cells; every answer is what a cold evaluation gives."""
+    burst = Engine(default_gguf, name="burst", slots=4, ctx_per_slot=1024, prefill_chunk=32)
+    try:
+        requests = [teacher_request(burst, q) for q in QUESTIONS[:4]]
+        shared = min(Engine._common_prefix(requests[0].prompt, r.prompt) for r in requests[1:])
+        assert shared > 100
+
+        async def scenario():
+            return await asyncio.gather(*(run(burst, r) for r in requests))
+
+        together = asyncio.run(scenario())
+        borrowed = burst.stats["borrowed_tokens"]
+        assert borrowed >= 3 * shared, f"borrowed {borrowed} tokens, expected the {shared}-token prefix 3 times"
+        assert sum(finished.cached_tokens >= shared for _, finished in together) == 3
+        for believed, held in burst.slot_kv_state():
+            assert believed == held
+    finally:
+        burst.close()
+    assert [text for text, _ in together] == cold_answers(default_gguf, QUESTIONS[:4])
+
+
+def test_a_burst_arriving_at_an_idle_engine_is_read_in_one_step(default_gguf):
+    """Started on the first prompt alone, a step would make the rest of the class wait for it."""
+    burst = Engine(default_gguf, name="burst", slots=4, ctx_per_slot=512)
+    try:
+        prompts = [burst.tokenize(text, add_special=True) for text in
+                   ("Once upon a time", "The capital of France is", "Water boils at", "Bees make")]
+
+        async def scenario():
+            generations = []
+            for prompt in prompts:  # half a millisecond apart, as requests come off the network
+                generations.append(burst.submit(Request(prompt=prompt, sampling=GREEDY, max_tokens=4)))
+                time.sleep(0.0005)
+            for generation in generations:
+                while not isinstance(await generation.events.get(), Finished):
+                    pass
+
+        asyncio.run(scenario())
+        first_step_rows = next(iter(burst.batch_sizes))
+        assert first_step_rows == sum(len(p) for p in prompts), burst.batch_sizes
+    finally:
+        burst.close()
+
+
+def test_a_lender_cancelled_midway_leaves_its_borrowers_exact(default_gguf):
+    """The slot others wait on is cancelled before it has evaluated the shared prompt: they read it themselves."""
+    burst = Engine(default_gguf, name="burst", slots=3, ctx_per_slot=1024, prefill_chunk=4)
+    try:
+        async def collect(generation) -> str:
+            parts = []
+            while not isinstance(event := await generation.events.get(), Finished):
+                parts.append(event.text)
+            return "".join(parts)
+
+        async def scenario():
+            lender = burst.submit(teacher_request(burst, QUESTIONS[0]))
+            while burst.snapshot()["slots_busy"] == 0:  # the lender is reading its prompt, 4 tokens a step
+                await asyncio.sleep(0.001)
+            borrowers = [burst.submit(teacher_request(burst, q)) for q in QUESTIONS[1:3]]
+            await asyncio.sleep(0.02)
+            burst.cancel(lender)
+            return await asyncio.gather(collect(lender), *(collect(b) for b in borrowers))
+
+        _, *texts = asyncio.run(scenario())
+        assert burst.stats["borrowed_tokens"] == 0, "the lender was cancelled too late to test this"
+        assert burst.snapshot()["slots_busy"] == 0
+    finally:
+        burst.close()
+    assert texts == cold_answers(default_gguf, QUESTIONS[1:3])
 
 
 def test_prompt_too_long_and_empty(engine):

@@ -193,6 +193,14 @@ def test_api_key_required_off_loopback(gguf, tmp_path):
         assert keyed.chat.completions.create(model=MODEL, messages=body["messages"], max_tokens=4).choices
 
 
+def test_too_many_slots_is_refused_by_the_configuration(gguf, tmp_path):
+    refused = subprocess.run([*PARROT_EDGE, "serve", "--model", str(gguf), "--slots", "65"],
+                             capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin", "PARROT_EDGE_DATA_DIR": str(tmp_path)})
+    assert refused.returncode == 1 and "slots" in refused.stderr and "64" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_server_refuses_a_damaged_model(default_gguf, tmp_path, damage):
     data_dir = tmp_path / "data"
