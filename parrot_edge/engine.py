@@ -132,9 +132,9 @@ class Generation:
 # Exactness limits of llama.cpp's CPU flash attention (ggml-cpu ops.cpp, see the top of this file); the
 # other, SEQ_ROWS (the tiled kernel starts at 64 rows of one sequence), lives in parrot_edge.memory.
 SPLIT_KV_CELLS = 256  # a lone row over more cells than this takes the split kernel (llama.cpp pads n_kv to 256)
-# After handing a step's events over, wait (at most this long) for the asyncio side to send them before the
-# next llama_decode: on a small machine, streaming concurrently with decoding steals a core from llama.cpp's
-# threads, which then wait for each other at every operation.
+# After handing a step's events for several streams over, wait (at most this long) for the asyncio side to
+# send them before the next llama_decode: on a small machine, streaming concurrently with decoding steals a
+# core from llama.cpp's threads, which then wait for each other at every operation.
 HANDOFF_WAIT = 0.005
 # Woken from idle, the worker waits while requests keep arriving less than BURST_GAP apart (at most
 # BURST_WINDOW) before its first step: a whole burst in one step costs less than a step alone plus the rest.
@@ -369,6 +369,7 @@ class Engine:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Delta | Finished]]] = {}
         for generation, event in self._outbox:
             by_loop.setdefault(generation._loop, []).append((generation, event))
+        streams = len({generation for generation, _ in self._outbox})
         self._outbox = []
         if not by_loop:
             return
@@ -376,7 +377,8 @@ class Engine:
         for loop, events in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, events, handled)
-        handled.wait(HANDOFF_WAIT)
+        if streams > 1:  # one stream's chunk costs the asyncio side less than waiting for it would
+            handled.wait(HANDOFF_WAIT)
 
     def _any_generation(self) -> bool:
         return any(slot.generation is not None for slot in self._slots)
