@@ -109,4 +109,12 @@ class Metrics:
                                 ("parrot_edge_queue_depth", "queue_depth", "Requests waiting for a slot."),
                                 ("parrot_edge_model_loaded", "loaded", "1 once the model is ready.")):
             lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {int(state.get(key, 0))}"]
+        for name, key, help in (
+                ("parrot_edge_engine_steps_total", "steps", "llama_decode calls."),
+                ("parrot_edge_reevaluated_tokens_total", "reevaluated_tokens",
+                 "Tokens evaluated a second time to keep a lone long row exact."),
+                ("parrot_edge_borrowed_tokens_total", "borrowed_tokens", "Prompt tokens copied from another slot."),
+                ("parrot_edge_shelved_total", "shelved", "Conversations put aside when their slot was reused."),
+                ("parrot_edge_unshelved_total", "unshelved", "Shelved conversations copied back into a slot.")):
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {int(state.get(key, 0))}"]
         return "\n".join(lines) + "\n"

@@ -99,6 +99,9 @@ def test_models_health_metrics(server, client):
                  "parrot_edge_decode_tokens_per_second_count", "parrot_edge_queue_depth", "parrot_edge_slots_busy",
                  "parrot_edge_batch_tokens_bucket"):
         assert name in metrics
+    steps = next(line for line in metrics.splitlines() if line.startswith("parrot_edge_engine_steps_total "))
+    assert int(steps.split()[1]) > 0
+    assert "parrot_edge_borrowed_tokens_total " in metrics and "parrot_edge_reevaluated_tokens_total " in metrics
 
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
