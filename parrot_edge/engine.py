@@ -25,8 +25,9 @@ K/V come out bit-identical whatever batch, chunk or company it is evaluated in, 
 kernels that round differently: a tiled one for 64 or more rows of one sequence in a micro-batch, and a
 split one for a micro-batch of a single row over more than 256 cells. At most 63 rows of a sequence per
 step rule out the first; for the second the engine predicts llama.cpp's split of its batch into micro-batches
-(`lone_long_rows`) and gives any sequence that would be such a lone row a second one: its last cached
-token, evaluated again. So an answer is the same alone or in a full classroom, and the cache a slot keeps
+(`lone_long_rows`) and joins any sequence that would be such a lone row to the others through an idle
+neighbour slot (whose last cached token is evaluated again), or else gives it a second row: its own last
+cached token, evaluated again. So an answer is the same alone or in a full classroom, and the cache a slot keeps
 is bit-identical to a cold evaluation of the same conversation: reusing it never changes an answer.
 
 Requests wait in arrival order when every slot is busy; the queue is bounded (QueueFull → HTTP 503).
@@ -232,7 +233,7 @@ class Engine:
         self._running = True
         self._service_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
         self.stats = {"steps": 0, "batch_tokens": 0, "reevaluated_tokens": 0, "decode_errors": 0,
-                      "shelved": 0, "unshelved": 0, "borrowed_tokens": 0}
+                      "shelved": 0, "unshelved": 0, "borrowed_tokens": 0, "bridges": 0}
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="parrot-edge-engine", daemon=True)
         self._thread.start()
@@ -483,7 +484,7 @@ class Engine:
                 self._batch.seq_id[i][0] = seq_id
             slot.tokens.extend(tokens)
             n += len(tokens)
-            if not slot.pending:  # a generated token, or the prompt's last: the next token comes from its logits
+            if slot.generation is not None and not slot.pending:  # a sampled token or the prompt's last
                 self._batch_logits[n - 1] = 1
                 rows.append((slot, n - 1))
         self._batch.n_tokens = n
@@ -495,30 +496,49 @@ class Engine:
             self.stats["decode_errors"] += 1
             message = f"llama_decode returned {result}: {llamacpp.recent_log() or 'no reason given'}"
             for seq_id in work:
-                self._finish(self._slots[seq_id], "error", error=message, keep_cache=False)
+                slot = self._slots[seq_id]
+                if slot.generation is None:
+                    self._forget(slot)  # an idle neighbour that bridged: its cells are in doubt now
+                else:
+                    self._finish(slot, "error", error=message, keep_cache=False)
             return
         for slot, index in rows:
             token = self._llama.llama_sampler_sample(slot.sampler, self._ctx, index)
             self._accept_token(slot, token)
 
     def _keep_attention_exact(self, work: dict[int, list[int]]) -> None:
-        """Give every sequence that llama.cpp would evaluate as a lone row over many cells a second row: its
-        last cached token, removed from the cache and evaluated again (to the same values). A prompt piece
-        with no room for one more row gives its last row back to the next step instead."""
-        for _ in range(len(work)):
+        """Keep any sequence from being a lone row over many cells in llama.cpp's micro-batches. Best, when an
+        idle slot sits between it and other working sequences: that slot's last cached token is removed and
+        evaluated again (to the same values), which joins them into one micro-batch. Else the sequence's own
+        last cached token, for a second row. A prompt piece with no room for one more row gives its last row
+        back to the next step instead."""
+        for _ in range(2 * len(self._slots)):
             lone = lone_long_rows({seq_id: (len(self._slots[seq_id].tokens), len(tokens))
                                    for seq_id, tokens in work.items()}, self.ubatch_rows)
             if not lone:
                 return
-            for seq_id in lone:
-                slot = self._slots[seq_id]
-                if len(work[seq_id]) >= SEQ_ROWS:
-                    slot.pending.insert(0, work[seq_id].pop())
-                    continue
-                if not self._llama.llama_memory_seq_rm(self._memory, seq_id, len(slot.tokens) - 1, -1):
-                    return
-                work[seq_id] = [slot.tokens.pop(), *work[seq_id]]
-                self.stats["reevaluated_tokens"] += 1
+            slot = self._slots[lone[0]]
+            if len(work[slot.seq_id]) >= SEQ_ROWS:
+                slot.pending.insert(0, work[slot.seq_id].pop())
+            elif not self._evaluate_again(self._bridge(slot.seq_id, work) or slot, work):
+                return
+
+    def _bridge(self, seq_id: int, work: dict[int, list[int]]) -> Slot | None:
+        """An idle neighbour holding tokens, with a working sequence beyond it."""
+        for side in (1, -1):
+            neighbour, beyond = seq_id + side, seq_id + 2 * side
+            if (0 <= neighbour < len(self._slots) and neighbour not in work and beyond in work
+                    and self._slots[neighbour].generation is None and self._slots[neighbour].tokens):
+                self.stats["bridges"] += 1
+                return self._slots[neighbour]
+        return None
+
+    def _evaluate_again(self, slot: Slot, work: dict[int, list[int]]) -> bool:
+        if not self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.tokens) - 1, -1):
+            return False
+        work[slot.seq_id] = [slot.tokens.pop(), *work.get(slot.seq_id, [])]
+        self.stats["reevaluated_tokens"] += 1
+        return True
 
     def _accept_token(self, slot: Slot, token: int) -> None:
         generation = slot.generation

@@ -89,6 +89,39 @@ def test_a_long_conversation_alone_equals_it_among_others(engine):
     assert text_alone.strip() and text_together == text_alone
 
 
+def test_an_idle_slot_bridges_a_lone_long_conversation_to_the_others(default_gguf):
+    """Slot 0 answers past 256 cells, slot 1 is idle, slot 2 answers: llama.cpp would give slot 0 a
+    micro-batch of its own; re-evaluating slot 1's last token joins them. Nothing changes: both answers equal
+    cold evaluations, and slot 1's kept conversation still continues exactly."""
+    def raw(text: str, max_tokens: int = 24) -> Request:
+        return Request(prompt=bridged.tokenize(text, add_special=True), sampling=GREEDY, max_tokens=max_tokens)
+
+    long_text, idle_text, other_text = LONG_QUESTION, "Bees make honey from", "Volcanoes erupt because"
+    bridged = Engine(default_gguf, name="bridged", slots=3, ctx_per_slot=1024)
+    try:
+        async def scenario():
+            await run(bridged, raw(long_text, 1))  # slot 0
+            await run(bridged, raw(idle_text, 8))  # slot 1, then idle
+            together = await asyncio.gather(run(bridged, raw(long_text + " The end.")), run(bridged, raw(other_text)))
+            later = await run(bridged, raw(idle_text + " flowers."))  # slot 1's conversation, continued
+            return [text for text, _ in together] + [later[0]], later[1].cached_tokens
+
+        warm, cached = asyncio.run(scenario())
+        assert bridged.stats["bridges"] > 0, "slot 1 never bridged"
+        assert cached > 0, "the idle slot's conversation was not reused"
+    finally:
+        bridged.close()
+    cold = []
+    for text in (long_text + " The end.", other_text, idle_text + " flowers."):
+        fresh = Engine(default_gguf, name="cold", slots=1, ctx_per_slot=1024)
+        try:
+            cold.append(asyncio.run(run(fresh, Request(prompt=fresh.tokenize(text, add_special=True),
+                                                       sampling=GREEDY, max_tokens=24)))[0])
+        finally:
+            fresh.close()
+    assert warm == cold
+
+
 def test_cancel_mid_stream_leaves_others_intact(engine):
     async def scenario():
         reference = [await run(engine, ask(engine, q, max_tokens=60)) for q in QUESTIONS[:3]]
