@@ -141,6 +141,7 @@ HANDOFF_WAIT = 0.005
 # BURST_WINDOW) before its first step: a whole burst in one step costs less than a step alone plus the rest.
 BURST_GAP = 0.002
 BURST_WINDOW = 0.010
+MAX_GAP_FILL = 2  # idle slots worth evaluating again to join two runs of answering students (see _join_runs)
 SHELVE_MIN_TOKENS = 32  # shorter conversations cost less to evaluate again than to keep
 BORROW_MIN_TOKENS = 16  # fewer shared tokens than this are cheaper to evaluate than to wait for and copy
 
@@ -470,6 +471,7 @@ class Engine:
             budget -= len(work[slot.seq_id])
         if not work:
             return
+        self._join_runs(work)
         self._keep_attention_exact(work)
 
         rows: list[tuple[Slot, int]] = []  # (slot, batch index) of every row that wants logits
@@ -505,6 +507,20 @@ class Engine:
         for slot, index in rows:
             token = self._llama.llama_sampler_sample(slot.sampler, self._ctx, index)
             self._accept_token(slot, token)
+
+    def _join_runs(self, work: dict[int, list[int]]) -> None:
+        """In a step of next tokens only, fill short gaps of idle slots between answering students with those
+        slots' last cached tokens, evaluated again (to the same values): llama.cpp then runs one micro-batch
+        instead of one per run of consecutive sequences, each of which costs about as much as three rows."""
+        if len(work) < 2 or any(len(tokens) != 1 for tokens in work.values()):
+            return
+        ids = sorted(work)
+        for before, after in itertools.pairwise(ids):
+            gap = [self._slots[seq_id] for seq_id in range(before + 1, after)]
+            if 0 < len(gap) <= MAX_GAP_FILL and all(slot.generation is None and slot.tokens for slot in gap):
+                for slot in gap:
+                    self._evaluate_again(slot, work)
+                    self.stats["bridges"] += 1
 
     def _keep_attention_exact(self, work: dict[int, list[int]]) -> None:
         """Keep any sequence from being a lone row over many cells in llama.cpp's micro-batches. Best, when an
