@@ -427,7 +427,7 @@ class Engine:
         # Keep the shared prefix, but evaluate at least the last token: its logits start the answer.
         keep = min(shared, len(prompt) - 1)
         if keep < len(slot.tokens) and not self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
-            self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            self._forget(slot)
             keep = 0
         del slot.tokens[keep:]
         slot.pending = prompt[keep:]
@@ -614,13 +614,25 @@ class Engine:
                 best_id, best = shelved_id, shared
         return best_id, best
 
-    def _shelve(self, slot: Slot) -> None:
-        llama = self._llama
-        size = llama.llama_state_seq_get_size(self._ctx, slot.seq_id)
-        if not size or size > self.shelf_bytes:
-            return
+    def _read_state(self, seq_id: int, max_bytes: int | None = None) -> ctypes.Array | None:
+        """A copy of a sequence's llama.cpp state (its KV cells, bit for bit); None if empty or over max_bytes."""
+        size = self._llama.llama_state_seq_get_size(self._ctx, seq_id)
+        if not size or (max_bytes is not None and size > max_bytes):
+            return None
         state = (ctypes.c_uint8 * size)()
-        if llama.llama_state_seq_get_data(self._ctx, state, size, slot.seq_id) != size:
+        return state if self._llama.llama_state_seq_get_data(self._ctx, state, size, seq_id) == size else None
+
+    def _write_state(self, slot: Slot, state: ctypes.Array) -> bool:
+        """Replace a slot's cells with a copied state; False leaves the slot empty."""
+        self._forget(slot)
+        if self._llama.llama_state_seq_set_data(self._ctx, state, len(state), slot.seq_id) == 0:
+            self._forget(slot)
+            return False
+        return True
+
+    def _shelve(self, slot: Slot) -> None:
+        state = self._read_state(slot.seq_id, self.shelf_bytes)
+        if state is None:
             return
         tokens = list(slot.tokens)
         for shelved_id in [i for i, s in self._shelf.items() if tokens[:len(s.tokens)] == s.tokens]:
@@ -635,9 +647,7 @@ class Engine:
     def _unshelve(self, shelved_id: int, slot: Slot) -> bool:
         """Copy a shelved conversation into `slot` (which must be free); False leaves the slot empty."""
         shelved = self._shelf.pop(shelved_id)
-        self._forget(slot)
-        if self._llama.llama_state_seq_set_data(self._ctx, shelved.state, len(shelved.state), slot.seq_id) == 0:
-            self._forget(slot)
+        if not self._write_state(slot, shelved.state):
             return False
         slot.tokens = list(shelved.tokens)
         self.stats["unshelved"] += 1
@@ -677,14 +687,11 @@ class Engine:
         held = self._common_prefix(lender.tokens, prompt[:promised])
         if held < len(slot.tokens) + BORROW_MIN_TOKENS:
             return
-        llama = self._llama
-        size = llama.llama_state_seq_get_size(self._ctx, seq_id)
-        state = (ctypes.c_uint8 * size)()
-        if not size or llama.llama_state_seq_get_data(self._ctx, state, size, seq_id) != size:
+        state = self._read_state(seq_id)
+        if state is None:
             return
-        self._forget(slot)
-        if (llama.llama_state_seq_set_data(self._ctx, state, size, slot.seq_id) == 0
-                or not llama.llama_memory_seq_rm(self._memory, slot.seq_id, held, -1)):
+        if not (self._write_state(slot, state)
+                and self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, held, -1)):
             self._forget(slot)
             slot.pending = list(prompt)
             slot.generation.cached_tokens = 0

@@ -62,6 +62,21 @@ class Histogram:
         return lines
 
 
+# What /metrics shows of the engine's snapshot: (metric, snapshot key, Prometheus type, help).
+ENGINE_STATE = (
+    ("parrot_edge_slots_total", "slots_total", "gauge", "Sequences served at once."),
+    ("parrot_edge_slots_busy", "slots_busy", "gauge", "Slots generating or reading a prompt."),
+    ("parrot_edge_queue_depth", "queue_depth", "gauge", "Requests waiting for a slot."),
+    ("parrot_edge_model_loaded", "loaded", "gauge", "1 once the model is ready."),
+    ("parrot_edge_engine_steps_total", "steps", "counter", "llama_decode calls."),
+    ("parrot_edge_reevaluated_tokens_total", "reevaluated_tokens", "counter",
+     "Cached tokens evaluated again (to the same values) to keep batching exact or join micro-batches."),
+    ("parrot_edge_borrowed_tokens_total", "borrowed_tokens", "counter", "Prompt tokens copied from another slot."),
+    ("parrot_edge_shelved_total", "shelved", "counter", "Conversations put aside when their slot was reused."),
+    ("parrot_edge_unshelved_total", "unshelved", "counter", "Shelved conversations copied back into a slot."),
+)
+
+
 class Metrics:
     """Everything /metrics shows. Updated from the event loop; rendered under a lock with the gauges."""
 
@@ -104,17 +119,6 @@ class Metrics:
             batches.observe_many(size, count)
         lines += batches.render()
         state = engine_state or {}
-        for name, key, help in (("parrot_edge_slots_total", "slots_total", "Sequences served at once."),
-                                ("parrot_edge_slots_busy", "slots_busy", "Slots generating or reading a prompt."),
-                                ("parrot_edge_queue_depth", "queue_depth", "Requests waiting for a slot."),
-                                ("parrot_edge_model_loaded", "loaded", "1 once the model is ready.")):
-            lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {int(state.get(key, 0))}"]
-        for name, key, help in (
-                ("parrot_edge_engine_steps_total", "steps", "llama_decode calls."),
-                ("parrot_edge_reevaluated_tokens_total", "reevaluated_tokens",
-                 "Tokens evaluated a second time to keep a lone long row exact."),
-                ("parrot_edge_borrowed_tokens_total", "borrowed_tokens", "Prompt tokens copied from another slot."),
-                ("parrot_edge_shelved_total", "shelved", "Conversations put aside when their slot was reused."),
-                ("parrot_edge_unshelved_total", "unshelved", "Shelved conversations copied back into a slot.")):
-            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {int(state.get(key, 0))}"]
+        for name, key, kind, help in ENGINE_STATE:
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {int(state.get(key, 0))}"]
         return "\n".join(lines) + "\n"
