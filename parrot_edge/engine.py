@@ -26,9 +26,11 @@ kernels that round differently: a tiled one for 64 or more rows of one sequence 
 split one for a micro-batch of a single row over more than 256 cells. At most 63 rows of a sequence per
 step rule out the first; for the second the engine predicts llama.cpp's split of its batch into micro-batches
 (`lone_long_rows`) and joins any sequence that would be such a lone row to the others through an idle
-neighbour slot (whose last cached token is evaluated again), or else gives it a second row: its own last
-cached token, evaluated again. So an answer is the same alone or in a full classroom, and the cache a slot keeps
-is bit-identical to a cold evaluation of the same conversation: reusing it never changes an answer.
+neighbour slot (whose last cached token is evaluated again), or else gives it a second row: a guess of its
+next token, looked up in its own conversation (kept if the first row's logits sample it, which then yields two
+tokens in one step), or its own last cached token, evaluated again. So an answer is the same alone or in a full
+classroom, and the cache a slot keeps is bit-identical to a cold evaluation of the same conversation: reusing
+it never changes an answer.
 
 Requests wait in arrival order when every slot is busy; the queue is bounded (QueueFull → HTTP 503).
 Results travel to the asyncio side as events on a per-request asyncio.Queue.
@@ -234,7 +236,8 @@ class Engine:
         self._running = True
         self._service_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
         self.stats = {"steps": 0, "batch_tokens": 0, "reevaluated_tokens": 0, "decode_errors": 0,
-                      "shelved": 0, "unshelved": 0, "borrowed_tokens": 0, "bridges": 0}
+                      "shelved": 0, "unshelved": 0, "borrowed_tokens": 0, "bridges": 0, "guessed_rows": 0,
+                      "guessed_tokens": 0}
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="parrot-edge-engine", daemon=True)
         self._thread.start()
@@ -472,9 +475,10 @@ class Engine:
         if not work:
             return
         self._join_runs(work)
-        self._keep_attention_exact(work)
+        guesses: dict[int, int] = {}  # sequence → the token guessed to follow its sampled one (see _guess_ahead)
+        self._keep_attention_exact(work, guesses)
 
-        rows: list[tuple[Slot, int]] = []  # (slot, batch index) of every row that wants logits
+        rows: list[tuple[Slot, int]] = []  # (slot, batch index of its first row that wants logits)
         n = 0
         for seq_id in sorted(work):  # llama.cpp micro-batches runs of consecutive sequences together
             slot, tokens = self._slots[seq_id], work[seq_id]
@@ -487,8 +491,9 @@ class Engine:
             slot.tokens.extend(tokens)
             n += len(tokens)
             if slot.generation is not None and not slot.pending:  # a sampled token or the prompt's last
-                self._batch_logits[n - 1] = 1
-                rows.append((slot, n - 1))
+                first = n - 2 if seq_id in guesses else n - 1
+                self._batch_logits[first:n] = 1
+                rows.append((slot, first))
         self._batch.n_tokens = n
         result = self._llama.llama_decode(self._ctx, self._batch)
         self.stats["steps"] += 1
@@ -507,6 +512,8 @@ class Engine:
         for slot, index in rows:
             token = self._llama.llama_sampler_sample(slot.sampler, self._ctx, index)
             self._accept_token(slot, token)
+            if slot.seq_id in guesses:
+                self._settle_guess(slot, token, guesses[slot.seq_id], index + 1)
 
     def _join_runs(self, work: dict[int, list[int]]) -> None:
         """In a step of next tokens only, fill short gaps of idle slots between answering students with those
@@ -522,12 +529,12 @@ class Engine:
                     self._evaluate_again(slot, work)
                     self.stats["bridges"] += 1
 
-    def _keep_attention_exact(self, work: dict[int, list[int]]) -> None:
+    def _keep_attention_exact(self, work: dict[int, list[int]], guesses: dict[int, int]) -> None:
         """Keep any sequence from being a lone row over many cells in llama.cpp's micro-batches. Best, when an
         idle slot sits between it and other working sequences: that slot's last cached token is removed and
-        evaluated again (to the same values), which joins them into one micro-batch. Else the sequence's own
-        last cached token, for a second row. A prompt piece with no room for one more row gives its last row
-        back to the next step instead."""
+        evaluated again (to the same values), which joins them into one micro-batch. Else the sequence gets a
+        second row: a guess of its next token when it has one, or its own last cached token again. A prompt
+        piece with no room for one more row gives its last row back to the next step instead."""
         for _ in range(2 * len(self._slots)):
             lone = lone_long_rows({seq_id: (len(self._slots[seq_id].tokens), len(tokens))
                                    for seq_id, tokens in work.items()}, self.ubatch_rows)
@@ -536,8 +543,42 @@ class Engine:
             slot = self._slots[lone[0]]
             if len(work[slot.seq_id]) >= SEQ_ROWS:
                 slot.pending.insert(0, work[slot.seq_id].pop())
-            elif not self._evaluate_again(self._bridge(slot.seq_id, work) or slot, work):
+            elif bridge := self._bridge(slot.seq_id, work):
+                if not self._evaluate_again(bridge, work):
+                    return
+            elif not (self._guess_ahead(slot, work, guesses) or self._evaluate_again(slot, work)):
                 return
+
+    def _guess_ahead(self, slot: Slot, work: dict[int, list[int]], guesses: dict[int, int]) -> bool:
+        """Make a generating sequence's companion row useful: its likely next token, looked up in its own
+        conversation (what followed the last time these two tokens appeared). Sampled from the first row's
+        logits, the guess is either right, and the second row's logits give the token after it (two tokens
+        for one step, sampled in the same order from the same values as one by one), or wrong, and its cell
+        is taken back. Either way the step costs what the companion would have."""
+        tokens = work[slot.seq_id]
+        if (slot.generation is None or not slot.generation.first_token or len(tokens) != 1
+                or len(slot.tokens) + 2 >= self.ctx_per_slot):  # at the context's end, one by one ends sooner
+            return False
+        guess = guess_next(slot.tokens, tokens[0])
+        if guess is None:
+            return False
+        tokens.append(guess)
+        guesses[slot.seq_id] = guess
+        self.stats["guessed_rows"] += 1
+        return True
+
+    def _settle_guess(self, slot: Slot, sampled: int, guess: int, guess_index: int) -> None:
+        """After sampling a guessing sequence's first row: keep the guess and sample its row too, or take it
+        back (wrong, or the answer ended at the first row)."""
+        if slot.generation is not None and sampled == guess:
+            slot.pending.clear()  # already evaluated: it was the guess
+            self.stats["guessed_tokens"] += 1
+            self._accept_token(slot, self._llama.llama_sampler_sample(slot.sampler, self._ctx, guess_index))
+        elif self._drop_last_cell(slot) is None:  # never seen; the slot's cells would no longer match its tokens
+            if slot.generation is not None:
+                self._finish(slot, "error", error="llama.cpp could not take back a guessed token", keep_cache=False)
+            else:
+                self._forget(slot)
 
     def _bridge(self, seq_id: int, work: dict[int, list[int]]) -> Slot | None:
         """An idle neighbour holding tokens, with a working sequence beyond it."""
@@ -550,11 +591,18 @@ class Engine:
         return None
 
     def _evaluate_again(self, slot: Slot, work: dict[int, list[int]]) -> bool:
-        if not self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.tokens) - 1, -1):
+        token = self._drop_last_cell(slot)
+        if token is None:
             return False
-        work[slot.seq_id] = [slot.tokens.pop(), *work.get(slot.seq_id, [])]
+        work[slot.seq_id] = [token, *work.get(slot.seq_id, [])]
         self.stats["reevaluated_tokens"] += 1
         return True
+
+    def _drop_last_cell(self, slot: Slot) -> int | None:
+        """Remove a slot's last cached token from llama.cpp's cells and its list; the token, or None if it can't."""
+        if not self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.tokens) - 1, -1):
+            return None
+        return slot.tokens.pop()
 
     def _accept_token(self, slot: Slot, token: int) -> None:
         generation = slot.generation
@@ -716,6 +764,17 @@ def _put_all(events: list[tuple[Generation, Delta | Finished]], handled: threadi
         generation.events.put_nowait(event)
     # Queued after the readers these events wake: runs once they have sent their chunks.
     asyncio.get_running_loop().call_soon(handled.set)
+
+
+def guess_next(tokens: list[int], last: int) -> int | None:
+    """The token that followed the latest earlier occurrence of the pair (tokens[-1], last), if any."""
+    if not tokens:
+        return None
+    before = tokens[-1]
+    for i in range(len(tokens) - 1, 0, -1):
+        if tokens[i] == last and tokens[i - 1] == before:
+            return tokens[i + 1] if i + 1 < len(tokens) else last
+    return None
 
 
 def lone_long_rows(plan: dict[int, tuple[int, int]], ubatch_rows: int) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 
 from parrot_edge import llamacpp
 from parrot_edge.chat_template import render_chat
-from parrot_edge.engine import Engine, Finished, PromptTooLong, QueueFull, Request, context_params
+from parrot_edge.engine import Engine, Finished, PromptTooLong, QueueFull, Request, context_params, guess_next
 from parrot_edge.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -75,7 +75,10 @@ def test_concurrent_answers_equal_answers_alone(engine):
 
 def test_a_long_conversation_alone_equals_it_among_others(engine):
     """Past 256 cells a lone row would take llama.cpp's split kernel; the engine pairs it, so nothing changes."""
-    paired_before = engine.stats["reevaluated_tokens"]
+    def paired() -> int:  # second rows given: cached tokens again, or guesses
+        return engine.stats["reevaluated_tokens"] + engine.stats["guessed_rows"]
+
+    paired_before = paired()
 
     async def scenario():
         alone = await run(engine, ask(engine, LONG_QUESTION))
@@ -85,7 +88,7 @@ def test_a_long_conversation_alone_equals_it_among_others(engine):
 
     (text_alone, _), (text_together, _) = asyncio.run(scenario())
     assert len(chat_tokens(engine, [{"role": "user", "content": LONG_QUESTION}])) > 300
-    assert engine.stats["reevaluated_tokens"] > paired_before, "the lone long rows were never paired"
+    assert paired() > paired_before, "the lone long rows were never paired"
     assert text_alone.strip() and text_together == text_alone
 
 
@@ -125,6 +128,52 @@ def test_idle_slots_bridge_a_lone_long_conversation_to_the_others(default_gguf, 
         finally:
             fresh.close()
     assert warm == cold
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.8, seed=7)], ids=["greedy", "sampled"])
+def test_a_lone_long_answer_guesses_ahead_exactly(default_gguf, monkeypatch, sampling):
+    """Alone past 256 cells, a student's companion row is a guess of its next token; a right guess gives two
+    tokens in one step. Both turns' answers (the second reusing the first's cells) and the KV bookkeeping are
+    exactly those with guessing switched off (the plain companion: the last cached token again)."""
+    def conversation(target: Engine) -> list[str]:
+        async def turns():
+            messages = [{"role": "user", "content": LONG_QUESTION}]
+            first, _ = await run(target, Request(prompt=chat_tokens(target, messages), sampling=sampling,
+                                                 max_tokens=64))
+            messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "Tell me more."}]
+            second, finished = await run(target, Request(prompt=chat_tokens(target, messages), sampling=sampling,
+                                                         max_tokens=32))
+            assert finished.cached_tokens > 300
+            return [first, second]
+
+        answers = asyncio.run(turns())
+        for believed, held in target.slot_kv_state():
+            assert believed == held
+        return answers
+
+    guessing = Engine(default_gguf, name="guessing", slots=1, ctx_per_slot=1024)
+    try:
+        guessed = conversation(guessing)
+        stats = dict(guessing.stats)
+    finally:
+        guessing.close()
+    assert stats["guessed_tokens"] > 0, "no guess was ever right"
+    assert stats["guessed_rows"] > stats["guessed_tokens"], "no wrong guess was ever taken back"
+
+    monkeypatch.setattr("parrot_edge.engine.guess_next", lambda tokens, last: None)
+    plain = Engine(default_gguf, name="plain", slots=1, ctx_per_slot=1024)
+    try:
+        assert conversation(plain) == guessed
+        assert plain.stats["guessed_rows"] == 0 and plain.stats["reevaluated_tokens"] > 0
+    finally:
+        plain.close()
+
+
+def test_guess_next_looks_up_what_followed_the_last_two_tokens():
+    assert guess_next([5, 6, 7, 8, 5], 6) == 7  # ... 5 6 [7] ... 5 6 → 7
+    assert guess_next([5, 6, 7, 5, 6, 9, 5], 6) == 9  # the latest occurrence wins
+    assert guess_next([4, 4], 4) == 4  # the pair (4, 4) ended at the last token: what followed is `last` itself
+    assert guess_next([5, 6, 7], 8) is None and guess_next([], 1) is None
 
 
 def test_cancel_mid_stream_leaves_others_intact(engine):

@@ -102,6 +102,7 @@ def test_models_health_metrics(server, client):
     steps = next(line for line in metrics.splitlines() if line.startswith("parrot_edge_engine_steps_total "))
     assert int(steps.split()[1]) > 0
     assert "parrot_edge_borrowed_tokens_total " in metrics and "parrot_edge_reevaluated_tokens_total " in metrics
+    assert "parrot_edge_guessed_tokens_total " in metrics
 
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
