@@ -162,7 +162,8 @@ def test_the_real_chat_in_a_linux_console(chat_model, tmp_path):
     print(f"first words on screen {first_words_after:.2f} s after Enter; answer: {answer!r}")
     assert len(re.findall(r"\w+", answer)) >= 3, lines
     assert "You:" in [line.strip() for line in lines] and question in "\n".join(lines)
-    assert all(ord(char) < 0x100 for row in lines if row not in answer_rows(lines) for char in row), lines
+    answer_text = set(answer_rows(lines))  # the model's words may hold any character; the chrome may not
+    assert all(ord(char) < 0x100 for row in lines if row.strip() not in answer_text for char in row), lines
     assert child.exitstatus == 0
     assert "\x1b[?1049l" in screen.received[-300:]  # the console is given back as it was
     assert "Traceback" not in screen.received
