@@ -26,11 +26,13 @@ QUANT_TYPES = {
 }
 
 
-def quantize(source: Path, target: Path, quant: str, threads: int | None = None) -> None:
-    """Quantise the F32/F16/BF16 GGUF `source` into `target` with llama.cpp's default recipe for `quant`."""
+def quantize(source: Path, target: Path, quant: str, threads: int | None = None, requantize: bool = False) -> None:
+    """Quantise the F32/F16/BF16 GGUF `source` into `target` with llama.cpp's default recipe for `quant`
+    (`requantize`: from an already quantised GGUF too, at a loss of quality)."""
     llama = lib()
     params = llama.llama_model_quantize_default_params()  # layout must match the bundled library: start here
     params.ftype = int(QUANT_TYPES[quant][0])
+    params.allow_requantize = requantize
     params.nthread = threads or 0  # 0: all cores
     if llama.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise ParrotEdgeError(f"llama.cpp could not quantise to {quant}: {recent_log() or 'no reason given'}")

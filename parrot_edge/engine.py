@@ -28,9 +28,10 @@ step rule out the first; for the second the engine predicts llama.cpp's split of
 (`lone_long_rows`) and joins any sequence that would be such a lone row to the others through an idle
 neighbour slot (whose last cached token is evaluated again), or else gives it a second row: a guess of its
 next token, looked up in its own conversation (kept if the first row's logits sample it, which then yields two
-tokens in one step), or its own last cached token, evaluated again. So an answer is the same alone or in a full
-classroom, and the cache a slot keeps is bit-identical to a cold evaluation of the same conversation: reusing
-it never changes an answer.
+tokens in one step), or its own last cached token, evaluated again. (K- and i-quant weights have two more
+such kernels, kept off by parrot_edge.llamacpp.) So an answer is the same alone or in a full classroom, and
+the cache a slot keeps is bit-identical to a cold evaluation of the same conversation: reusing it never
+changes an answer.
 
 Requests wait in arrival order when every slot is busy; the queue is bounded (QueueFull → HTTP 503).
 Results travel to the asyncio side as events on a per-request asyncio.Queue.
@@ -201,7 +202,7 @@ class Engine:
     def __init__(self, model_path: Path, *, name: str, slots: int, ctx_per_slot: int, threads: int | None = None,
                  prefill_chunk: int = 256, queue_size: int = 64, shelf_bytes: int = 64 * 2**20):
         self._llama = llama = llamacpp.lib()
-        self._model = llamacpp.load_model(model_path)
+        self._model = llamacpp.load_model(model_path, repack=llamacpp.repacking_is_exact(model_path))
         self._vocab = llama.llama_model_get_vocab(self._model)
         params = context_params(llama, slots=slots, ctx_per_slot=ctx_per_slot, prefill_chunk=prefill_chunk,
                                 threads=threads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import os
 import threading
 from functools import cache
 from pathlib import Path
@@ -22,9 +23,17 @@ _recent: collections.deque[str] = collections.deque(maxlen=40)
 _recent_lock = threading.Lock()
 
 
+# K- and i-quant weights have faster CPU kernels that compute a row differently depending on how many rows
+# share the matrix multiplication (measured: tests/test_exactness.py on a Q4_K_M model), which would make an
+# answer depend on its company. The tiled one is switched off here for the whole process (ggml reads this
+# once, at its first multiplication); the repacked one per model, in `load_model`.
+BATCH_VARIANT_TYPE_PREFIXES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ", "TQ")
+
+
 @cache
 def lib():
     """The llama_cpp module, imported once, with its log captured and the backend initialised."""
+    os.environ["GGML_CPU_TILED_MM"] = "0"  # see BATCH_VARIANT_TYPE_PREFIXES
     import llama_cpp
 
     @llama_cpp.llama_log_callback
@@ -54,12 +63,14 @@ def recent_log(lines: int = 6) -> str:
     return " | ".join((interesting or tail)[-lines:])
 
 
-def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = True):
-    """Load a GGUF with llama.cpp; returns the `llama_model` pointer or raises a clear error."""
+def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = True, repack: bool = True):
+    """Load a GGUF with llama.cpp; returns the `llama_model` pointer or raises a clear error. `repack=False`
+    keeps the weights in their file layout (no "extra buffer types"): see `repacking_is_exact`."""
     llama = lib()
     params = llama.llama_model_default_params()
     params.vocab_only = vocab_only
     params.use_mmap = use_mmap
+    params.use_extra_bufts = repack
     model = llama.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise ParrotEdgeError(f"llama.cpp could not load {path}: {recent_log() or 'no reason given'}")
@@ -77,3 +88,14 @@ def model_metadata(model) -> dict[str, str]:
         llama.llama_model_meta_val_str_by_index(model, i, buf, len(buf))
         meta[key] = buf.value.decode("utf-8", errors="replace")
     return meta
+
+
+def repacking_is_exact(path: Path) -> bool:
+    """Whether llama.cpp's repacked weights compute every row the same in any batch: not for K- and i-quants
+    (Q4_K_M measured), yes for F32/F16/Q8_0/Q4_0/Q4_1 (tests/test_exactness.py)."""
+    import gguf
+
+    from parrot_edge.gguf_check import read_header
+
+    types = {gguf.GGMLQuantizationType(tensor.ggml_type).name for tensor in read_header(path).tensors}
+    return not any(name.startswith(BATCH_VARIANT_TYPE_PREFIXES) for name in types)

@@ -33,6 +33,21 @@ def default_gguf(default_model_wheelhouse, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def requantized_gguf(default_gguf, tmp_path_factory):
+    """The default model quantised again to another type (`quant` of `parrot-edge convert`), made once."""
+    from parrot_edge.converters.quantize import quantize
+
+    made: dict[str, Path] = {}
+
+    def make(quant: str) -> Path:
+        if quant not in made:
+            made[quant] = tmp_path_factory.mktemp("requantized") / f"{default_gguf.stem}.{quant}.gguf"
+            quantize(default_gguf, made[quant], quant, requantize=True)
+        return made[quant]
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> Path:
     """A tiny random model in ParrotAI's own format (TinyLlama lit-gpt pretraining checkpoint, SentencePiece
     tokenizer, no chat template), converted to F32 by the real `parrot-edge convert` command."""

@@ -408,9 +408,13 @@ def test_many_requests_leave_memory_and_kv_flat(engine):
     assert engine.snapshot()["slots_busy"] == 0 and engine.snapshot()["queue_depth"] == 0
 
 
-def test_tiny_converted_model_is_exact_under_batching_and_reuse(tiny_gguf):
-    """The converter's own tiny model (default chat template): concurrency and prefix reuse change nothing."""
-    tiny = Engine(tiny_gguf, name="tiny", slots=3, ctx_per_slot=256, prefill_chunk=16)
+@pytest.mark.parametrize("model", ["tiny", "q4_k_m"])
+def test_other_models_are_exact_under_batching_and_reuse(request, model):
+    """The converter's own tiny model (F32, default chat template) and the default model's weights as Q4_K_M
+    (K-quant kernels): concurrency and prefix reuse change nothing."""
+    path = request.getfixturevalue("tiny_gguf") if model == "tiny" else request.getfixturevalue(
+        "requantized_gguf")(model)
+    tiny = Engine(path, name=model, slots=3, ctx_per_slot=256, prefill_chunk=16)
     try:
         async def scenario():
             requests = [Request(prompt=chat_tokens(tiny, [{"role": "user", "content": q}]), sampling=GREEDY,

@@ -8,6 +8,8 @@ its last token; every case must equal the reference bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -18,18 +20,37 @@ LENGTH = 300
 SLOTS = 4
 
 
-@pytest.fixture(scope="module")
-def llama_context(default_gguf):
+# The default model (Q4_1), and the same weights as Q4_0 and as Q4_K_M (K-quant tensors: the repacked and
+# tiled kernels the engine keeps off, see parrot_edge.llamacpp).
+MODELS = ["default", "q4_0", "q4_k_m"]
+
+
+def model_path(default_gguf, requantized_gguf, name: str):
+    return default_gguf if name == "default" else requantized_gguf(name)
+
+
+@contextlib.contextmanager
+def opened(path, repack: bool):
+    """A llama.cpp context under the engine's parameters: (llama, ctx, batch, n_vocab, ubatch rows)."""
     llama = llamacpp.lib()
-    model = llamacpp.load_model(default_gguf)
+    model = llamacpp.load_model(path, repack=repack)
     params = context_params(llama, slots=SLOTS, ctx_per_slot=1024, prefill_chunk=LENGTH)
     ctx = llama.llama_init_from_model(model, params)
     batch = llama.llama_batch_init(512, 0, 1)
     n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
-    yield llama, ctx, batch, n_vocab, params.n_ubatch
-    llama.llama_batch_free(batch)
-    llama.llama_free(ctx)
-    llama.llama_model_free(model)
+    try:
+        yield llama, ctx, batch, n_vocab, params.n_ubatch
+    finally:
+        llama.llama_batch_free(batch)
+        llama.llama_free(ctx)
+        llama.llama_model_free(model)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def llama_context(request, default_gguf, requantized_gguf):
+    path = model_path(default_gguf, requantized_gguf, request.param)
+    with opened(path, repack=llamacpp.repacking_is_exact(path)) as context:  # as the engine loads it
+        yield context
 
 
 SEQUENCES = [list(np.random.default_rng(seq).integers(100, 20_000, LENGTH + 64)) for seq in range(SLOTS)]
@@ -106,6 +127,15 @@ def test_64_rows_of_one_sequence_are_why_a_step_holds_at_most_63(llama_context):
     assert np.array_equal(last_logits(llama_context, pieces(SEQ_ROWS)), reference)
     if np.array_equal(last_logits(llama_context, pieces(SEQ_ROWS + 1)), reference):
         pytest.skip("this llama.cpp build rounds 64-row pieces like the others: the limit is harmless but unneeded")
+
+
+def test_repacked_k_quants_are_why_the_engine_keeps_their_weights_unpacked(default_gguf, requantized_gguf):
+    k_quants = requantized_gguf("q4_k_m")
+    assert not llamacpp.repacking_is_exact(k_quants)
+    assert llamacpp.repacking_is_exact(default_gguf) and llamacpp.repacking_is_exact(requantized_gguf("q4_0"))
+    with opened(k_quants, repack=True) as repacked:
+        if np.array_equal(last_logits(repacked, pieces(7)), last_logits(repacked, pieces(32))):
+            pytest.skip("this llama.cpp build's repacked K-quant kernels are exact: they could stay on")
 
 
 def test_lone_long_rows_follows_llama_cpp_micro_batches():
