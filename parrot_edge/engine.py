@@ -527,8 +527,8 @@ class Engine:
             gap = [self._slots[seq_id] for seq_id in range(before + 1, after)]
             if 0 < len(gap) <= MAX_GAP_FILL and all(slot.generation is None and slot.tokens for slot in gap):
                 for slot in gap:
-                    self._evaluate_again(slot, work)
-                    self.stats["bridges"] += 1
+                    if self._evaluate_again(slot, work):
+                        self.stats["bridges"] += 1
 
     def _keep_attention_exact(self, work: dict[int, list[int]], guesses: dict[int, int]) -> None:
         """Keep any sequence from being a lone row over many cells in llama.cpp's micro-batches. Best, when an
@@ -547,6 +547,7 @@ class Engine:
             elif bridge := self._bridge(slot.seq_id, work):
                 if not self._evaluate_again(bridge, work):
                     return
+                self.stats["bridges"] += 1
             elif not (self._guess_ahead(slot, work, guesses) or self._evaluate_again(slot, work)):
                 return
 
@@ -587,7 +588,6 @@ class Engine:
             neighbour, beyond = seq_id + side, seq_id + 2 * side
             if (0 <= neighbour < len(self._slots) and neighbour not in work and beyond in work
                     and self._slots[neighbour].generation is None and self._slots[neighbour].tokens):
-                self.stats["bridges"] += 1
                 return self._slots[neighbour]
         return None
 

@@ -414,21 +414,21 @@ def test_other_models_are_exact_under_batching_and_reuse(request, model):
     (K-quant kernels): concurrency and prefix reuse change nothing."""
     path = request.getfixturevalue("tiny_gguf") if model == "tiny" else request.getfixturevalue(
         "requantized_gguf")(model)
-    tiny = Engine(path, name=model, slots=3, ctx_per_slot=256, prefill_chunk=16)
+    other = Engine(path, name=model, slots=3, ctx_per_slot=256, prefill_chunk=16)
     try:
         async def scenario():
-            requests = [Request(prompt=chat_tokens(tiny, [{"role": "user", "content": q}]), sampling=GREEDY,
+            requests = [Request(prompt=chat_tokens(other, [{"role": "user", "content": q}]), sampling=GREEDY,
                                 max_tokens=24) for q in QUESTIONS]
-            alone = [await run(tiny, r) for r in requests]
-            together = await asyncio.gather(*(run(tiny, r) for r in requests))
+            alone = [await run(other, r) for r in requests]
+            together = await asyncio.gather(*(run(other, r) for r in requests))
             return alone, together
 
         alone, together = asyncio.run(scenario())
         assert [text for text, _ in together] == [text for text, _ in alone]
         assert all(finished.completion_tokens > 0 for _, finished in alone)
-        assert any(finished.cached_tokens > 0 for _, finished in together)  # the default template's prefix
+        assert any(finished.cached_tokens > 0 for _, finished in together)  # the chat template's shared opening
     finally:
-        tiny.close()
+        other.close()
 
 
 def test_llama_threads_default_to_the_cpus_this_process_may_use():

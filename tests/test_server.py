@@ -147,6 +147,7 @@ def _stream_in_background(server, max_tokens: int) -> threading.Thread:
 def test_full_queue_is_503_with_retry_after(server):
     # two slots and a queue of one: the fourth concurrent request is refused, not held forever
     threads = [_stream_in_background(server, 300) for _ in range(3)]
+
     def both_slots_busy_and_one_waiting() -> bool:  # a queue of one alone may be a burst still gathering
         health = httpx.get(server.url + "/health").json()
         return health["slots"]["busy"] == 2 and health["queue"]["depth"] == 1
