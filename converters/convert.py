@@ -26,7 +26,7 @@ from parrot_edge.converters.gguf_writer import BF16, F16, F32, remove_leftovers,
 from parrot_edge.converters.quantize import QUANT_TYPES, describe_fallbacks, fallbacks, quantize
 from parrot_edge.converters.tokenizer import Vocabulary, find_tokenizer, load_vocabulary
 from parrot_edge.converters.weights import source_sha256
-from parrot_edge.manifest import ModelManifest, manifest_path_for, model_name, sha256_file
+from parrot_edge.store.manifest import ModelManifest, manifest_path_for, model_name, sha256_file
 
 DIRECT_TYPES = {"f32": F32, "f16": F16, "bf16": BF16}
 QUANT_CHOICES = (*DIRECT_TYPES, *QUANT_TYPES)

@@ -1,6 +1,6 @@
 """`parrot-edge inspect FILE.gguf`: architecture, tensors and their types, tokenizer, and all metadata.
 
-The header comes from parrot_edge.gguf_check (fast, and refuses damaged files); the vocabulary's strings,
+The header comes from parrot_edge.store.gguf_check (fast, and refuses damaged files); the vocabulary's strings,
 which that reader skips, come from llama.cpp loading the vocabulary alone — which also proves llama.cpp
 accepts it.
 """
@@ -16,8 +16,8 @@ from typing import Any
 import gguf
 
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.gguf_check import StringArray, read_header
 from parrot_edge.llamacpp import lib, load_model
+from parrot_edge.store.gguf_check import StringArray, read_header
 
 
 def describe(path: Path, all_tensors: bool = False) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 import gguf
 
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.gguf_check import read_header
 from parrot_edge.llamacpp import lib, recent_log
+from parrot_edge.store.gguf_check import read_header
 
 # --quant value → (llama_ftype, the ggml type of its ordinary weight matrices)
 QUANT_TYPES = {

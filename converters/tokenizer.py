@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parrot_edge.chat_template import DEFAULT_CHAT_TEMPLATE
+from parrot_edge.api.chat_template import DEFAULT_CHAT_TEMPLATE
 from parrot_edge.converters.errors import BadInput
 
 # GGUF token types (the same numbers as SentencePiece's piece types)

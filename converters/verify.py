@@ -21,11 +21,11 @@ import torch
 
 from parrot_edge.converters.checkpoint import Checkpoint
 from parrot_edge.converters.errors import BadInput
-from parrot_edge.converters.llama_run import gguf_logits, gguf_tokenize
+from parrot_edge.converters.gguf_eval import gguf_logits, gguf_tokenize
 from parrot_edge.converters.tokenizer import Vocabulary
 from parrot_edge.errors import VerificationFailed
-from parrot_edge.gguf_check import read_header
-from parrot_edge.manifest import Verification
+from parrot_edge.store.gguf_check import read_header
+from parrot_edge.store.manifest import Verification
 
 TEXTS = [
     "The library opens at eight in the morning. Students borrow books about rivers, volcanoes and the "

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from parrot_edge.converters.errors import BadInput
-from parrot_edge.manifest import sha256_file
+from parrot_edge.store.manifest import sha256_file
 
 # Wrappers that training code adds in front of every key: torch.compile, DataParallel/DDP, Lightning Fabric.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_forward_module.")

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # -- converter
-    p = _command(sub, "convert", "parrot_edge.converters.cli:convert_command",
+    p = _command(sub, "convert", "parrot_edge.converters.commands:convert_command",
                  "convert a PyTorch checkpoint to GGUF (optionally quantised and verified)")
     _add_convert_source_args(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="output .gguf path")
@@ -64,19 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="compare the GGUF with the checkpoint afterwards")
     _add_verify_args(p)
 
-    p = _command(sub, "verify", "parrot_edge.converters.cli:verify_command",
+    p = _command(sub, "verify", "parrot_edge.converters.commands:verify_command",
                  "compare a GGUF in llama.cpp with its PyTorch checkpoint")
     _add_convert_source_args(p)
     p.add_argument("gguf", type=Path, help="the converted .gguf")
     _add_verify_args(p)
 
-    p = _command(sub, "inspect", "parrot_edge.converters.cli:inspect_command",
+    p = _command(sub, "inspect", "parrot_edge.converters.commands:inspect_command",
                  "print a GGUF's architecture, tensors, tokenizer and metadata")
     p.add_argument("gguf", type=Path)
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary)")
 
     # -- runtime
-    p = _command(sub, "serve", "parrot_edge.server:serve_command",
+    p = _command(sub, "serve", "parrot_edge.api.serve:serve_command",
                  "serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("--model", help="model name in the store or path to a .gguf (default: the default model)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; others need an API key)")
@@ -88,18 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = _command(sub, "models", "", "manage the local model store")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    _command(msub, "list", "parrot_edge.store:list_command", "installed and catalog models")
-    p = _command(msub, "add", "parrot_edge.store:add_command", "add a local GGUF to the store")
+    _command(msub, "list", "parrot_edge.store.model_store:list_command", "installed and catalog models")
+    p = _command(msub, "add", "parrot_edge.store.model_store:add_command", "add a local GGUF to the store")
     p.add_argument("path", type=Path)
     p.add_argument("--name", help="store name (default: from its manifest or file name)")
-    p = _command(msub, "pull", "parrot_edge.store:pull_command",
+    p = _command(msub, "pull", "parrot_edge.store.model_store:pull_command",
                  "fetch a catalog model (with pip, or offline from a wheelhouse)")
     p.add_argument("name")
     p.add_argument("--from", dest="wheelhouse", type=Path, help="directory of wheels: install with no network")
     p.add_argument("--if-missing", action="store_true", help="do nothing if the model is already installed")
-    p = _command(msub, "verify", "parrot_edge.store:verify_command", "check sha256 of installed models")
+    p = _command(msub, "verify", "parrot_edge.store.model_store:verify_command", "check sha256 of installed models")
     p.add_argument("name", nargs="?")
-    p = _command(msub, "remove", "parrot_edge.store:remove_command", "delete an installed model")
+    p = _command(msub, "remove", "parrot_edge.store.model_store:remove_command", "delete an installed model")
     p.add_argument("name")
 
     p = _command(sub, "chat", "parrot_edge.kiosk.app:chat_command", "the classroom chat in this terminal")
@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kiosk", action="store_true", default=None,
                    help="lock the screen for students: quitting needs the teacher PIN")
 
-    _command(sub, "doctor", "parrot_edge.doctor:doctor_command", "check this machine, its CPU and the store")
+    _command(sub, "doctor", "parrot_edge.deploy.doctor:doctor_command", "check this machine, its CPU and the store")
 
     bench = _command(sub, "bench", "", "benchmarks against the incumbent tools, measured in one run")
     bsub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True)
-    p = _command(bsub, "convert", "parrot_edge.bench.convert:bench_convert_command",
+    p = _command(bsub, "convert", "parrot_edge.bench.conversion:bench_convert_command",
                  "parrot-edge convert vs llama.cpp's convert_hf_to_gguf.py + quantize")
     p.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: rebuilt from the "
                                                         "default model's GGUF, or from --gguf)")
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build-llama-server", action="store_true",
                    help="build llama.cpp's llama-server from the llama-cpp-python sdist into ~/.cache if absent")
 
-    p = _command(sub, "bundle", "parrot_edge.bundle:bundle_command", "build an offline install bundle (USB stick)")
+    p = _command(sub, "bundle", "parrot_edge.deploy.bundle:bundle_command",
+                 "build an offline install bundle (USB stick)")
     p.add_argument("--out", type=Path, required=True, help="folder to create (replaced if it is an earlier bundle)")
     p.add_argument("--platform", choices=("x86_64", "aarch64"), help="the school computers' (default: this one's)")
     p.add_argument("--model", dest="models", action="append", metavar="NAME",

@@ -95,7 +95,7 @@ def repacking_is_exact(path: Path) -> bool:
     (Q4_K_M measured), yes for F32/F16/Q8_0/Q4_0/Q4_1 (tests/test_exactness.py)."""
     import gguf
 
-    from parrot_edge.gguf_check import read_header
+    from parrot_edge.store.gguf_check import read_header
 
     types = {gguf.GGMLQuantizationType(tensor.ggml_type).name for tensor in read_header(path).tensors}
     return not any(name.startswith(BATCH_VARIANT_TYPE_PREFIXES) for name in types)

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from parrot_edge.engine.memory import MAX_SLOTS
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.memory import MAX_SLOTS
 
 
 def is_loopback(host: str) -> bool:

@@ -24,10 +24,10 @@ import pytest
 from serving import PARROT_EDGE
 from test_kiosk_process import COLUMNS, ROWS, Screen
 
-from parrot_edge.bundle import collect_model
-from parrot_edge.cpu_probe import write_probe_model
-from parrot_edge.manifest import ModelManifest, manifest_path_for
-from parrot_edge.store import ModelStore
+from parrot_edge.deploy.bundle import collect_model
+from parrot_edge.deploy.cpu_probe import write_probe_model
+from parrot_edge.store.manifest import ModelManifest, manifest_path_for
+from parrot_edge.store.model_store import ModelStore
 
 MODEL = "smollm2-135m-instruct"
 # The stick is made for the Python a school computer would use: the `python3` that install.sh finds.
@@ -230,7 +230,7 @@ def test_an_older_processor_gets_a_backend_it_can_run(school_computer, tmp_path,
     assert done.returncode == 0, report(done)
     assert f"loaded CPU backend from {venv}/bin/libggml-cpu-{backend}.so" in done.stderr, report(done)
     write_probe_model(tmp_path / "probe.gguf")  # evaluating it runs the real quantised kernels
-    done = run(QEMU, "-cpu", cpu, venv / "bin/python", "-m", "parrot_edge.cpu_probe", tmp_path / "probe.gguf",
+    done = run(QEMU, "-cpu", cpu, venv / "bin/python", "-m", "parrot_edge.deploy.cpu_probe", tmp_path / "probe.gguf",
                cwd=tmp_path, timeout=600)
     assert done.returncode == 0, report(done)
 

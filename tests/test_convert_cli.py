@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from converter_fixtures import hf_llama, lit_config, tinyllama_checkpoint, train_sentencepiece
 
-from parrot_edge.bench.convert import run_measured
-from parrot_edge.manifest import ModelManifest, sha256_file
+from parrot_edge.bench.conversion import run_measured
+from parrot_edge.store.manifest import ModelManifest, sha256_file
 
 PARROT_EDGE = Path(sys.executable).parent / "parrot-edge"
 

@@ -27,10 +27,10 @@ from converter_fixtures import (
 )
 
 from parrot_edge.converters.convert import convert, open_source
-from parrot_edge.converters.llama_run import gguf_logits
+from parrot_edge.converters.gguf_eval import gguf_logits
 from parrot_edge.converters.quantize import fallbacks
 from parrot_edge.converters.verify import verify
-from parrot_edge.gguf_check import read_header
+from parrot_edge.store.gguf_check import read_header
 
 # name → builder(directory) returning a function from token ids to the true logits
 CASES = {

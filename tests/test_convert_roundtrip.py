@@ -13,7 +13,7 @@ from converter_fixtures import TEXTS
 
 from parrot_edge.converters.convert import convert, open_source
 from parrot_edge.converters.from_gguf import hf_checkpoint_from_gguf
-from parrot_edge.converters.llama_run import gguf_logits, gguf_tokenize
+from parrot_edge.converters.gguf_eval import gguf_logits, gguf_tokenize
 from parrot_edge.converters.verify import verify
 
 pytestmark = pytest.mark.slow

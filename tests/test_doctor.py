@@ -12,8 +12,8 @@ from argparse import Namespace
 import pytest
 
 from parrot_edge import doctor
-from parrot_edge.cpu_probe import CpuInfo, cpu_info, probe_llama_cpp, rebuild_advice
-from parrot_edge.store import DEFAULT_MODEL, ModelStore, catalog
+from parrot_edge.deploy.cpu_probe import CpuInfo, cpu_info, probe_llama_cpp, rebuild_advice
+from parrot_edge.store.model_store import DEFAULT_MODEL, ModelStore, catalog
 
 DIES_OF_SIGILL = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
 

@@ -11,9 +11,9 @@ import psutil
 import pytest
 
 from parrot_edge import llamacpp
-from parrot_edge.chat_template import render_chat
-from parrot_edge.engine import Engine, Finished, PromptTooLong, QueueFull, Request, context_params, guess_next
-from parrot_edge.sampling import SamplingParams
+from parrot_edge.api.chat_template import render_chat
+from parrot_edge.engine.sampling import SamplingParams
+from parrot_edge.engine.scheduler import Engine, Finished, PromptTooLong, QueueFull, Request, context_params, guess_next
 
 GREEDY = SamplingParams(temperature=0)
 SHELF_BYTES = 24 * 2**20
@@ -160,7 +160,7 @@ def test_a_lone_long_answer_guesses_ahead_exactly(default_gguf, monkeypatch, sam
     assert stats["guessed_tokens"] > 0, "no guess was ever right"
     assert stats["guessed_rows"] > stats["guessed_tokens"], "no wrong guess was ever taken back"
 
-    monkeypatch.setattr("parrot_edge.engine.guess_next", lambda tokens, last: None)
+    monkeypatch.setattr("parrot_edge.engine.scheduler.guess_next", lambda tokens, last: None)
     plain = Engine(default_gguf, name="plain", slots=1, ctx_per_slot=1024)
     try:
         assert conversation(plain) == guessed

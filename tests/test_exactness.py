@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from parrot_edge import llamacpp
-from parrot_edge.engine import SEQ_ROWS, SPLIT_KV_CELLS, context_params, lone_long_rows
+from parrot_edge.engine.scheduler import SEQ_ROWS, SPLIT_KV_CELLS, context_params, lone_long_rows
 
 LENGTH = 300
 SLOTS = 4

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.memory import (
+from parrot_edge.engine.memory import (
     UBATCH_ROWS,
     ModelInfo,
     available_memory,
@@ -18,6 +17,7 @@ from parrot_edge.memory import (
     plan_memory,
     read_model_info,
 )
+from parrot_edge.errors import ParrotEdgeError
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ _MEASURE = r"""
 import json, sys
 from pathlib import Path
 from parrot_edge import llamacpp
-from parrot_edge.engine import context_params
+from parrot_edge.engine.scheduler import context_params
 
 def rss():
     with open("/proc/self/status") as status:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from parrot_edge.cpu_probe import write_probe_model
+from parrot_edge.deploy.cpu_probe import write_probe_model
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.gguf_check import StringArray, check_gguf, read_header
-from parrot_edge.store import DEFAULT_MODEL, ModelStore, catalog
+from parrot_edge.store.gguf_check import StringArray, check_gguf, read_header
+from parrot_edge.store.model_store import DEFAULT_MODEL, ModelStore, catalog
 
 DEFAULT = catalog()[DEFAULT_MODEL]
 

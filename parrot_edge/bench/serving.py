@@ -289,7 +289,7 @@ _RAW = r"""
 import ctypes, json, sys, time
 from pathlib import Path
 from parrot_edge import llamacpp
-from parrot_edge.engine import context_params
+from parrot_edge.engine.scheduler import context_params
 path, n, steps, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 llama = llamacpp.lib()
 model = llamacpp.load_model(path)
@@ -327,7 +327,7 @@ def raw_decode_speed(gguf: Path, n: int, threads: int, steps: int = 64) -> float
 
 def _model_path(name: str | None) -> Path:
     from parrot_edge.settings import load_settings
-    from parrot_edge.store import ModelStore
+    from parrot_edge.store.model_store import ModelStore
 
     settings = load_settings(model=name)
     return ModelStore(settings.models_dir).resolve(settings.model).path

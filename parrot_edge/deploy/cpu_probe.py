@@ -7,7 +7,7 @@ tiny random llama model with a few quantised tensors (so the real Q4_0, Q8_0, F1
 and evaluates a short prompt and one more token. If the child dies of a signal, the parent explains
 what the CPU has and how to rebuild llama-cpp-python for it.
 
-Run as `python -m parrot_edge.cpu_probe MODEL.gguf`, this module is that child.
+Run as `python -m parrot_edge.deploy.cpu_probe MODEL.gguf`, this module is that child.
 """
 
 from __future__ import annotations
@@ -144,13 +144,13 @@ def write_probe_model(path: Path) -> None:
 def probe_llama_cpp(child_command: list[str] | None = None, timeout: float = 120) -> ProbeResult:
     """Evaluate a tiny model with llama.cpp in a child process; never crashes the caller.
 
-    `child_command` replaces `python -m parrot_edge.cpu_probe` (the model path is appended); tests use it
+    `child_command` replaces `python -m parrot_edge.deploy.cpu_probe` (the model path is appended); tests use it
     to stand in a child that dies of SIGILL.
     """
     with tempfile.TemporaryDirectory(prefix="parrot-edge-probe-") as directory:
         model = Path(directory) / "probe.gguf"
         write_probe_model(model)
-        command = [*(child_command or [sys.executable, "-m", "parrot_edge.cpu_probe"]), str(model)]
+        command = [*(child_command or [sys.executable, "-m", "parrot_edge.deploy.cpu_probe"]), str(model)]
         started = time.monotonic()
         try:
             child = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

@@ -54,12 +54,12 @@ from pathlib import Path
 import numpy as np
 
 from parrot_edge import llamacpp
+from parrot_edge.engine.memory import MAX_SLOTS, SEQ_ROWS, UBATCH_ROWS
+from parrot_edge.engine.sampling import SamplingParams, build_chain
+from parrot_edge.engine.textstream import TextStream
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.memory import MAX_SLOTS, SEQ_ROWS, UBATCH_ROWS
-from parrot_edge.sampling import SamplingParams, build_chain
-from parrot_edge.textstream import TextStream
 
-log = logging.getLogger("parrot_edge.engine")
+log = logging.getLogger("parrot_edge.engine.scheduler")
 
 
 class QueueFull(ParrotEdgeError):
@@ -134,7 +134,7 @@ class Generation:
 
 
 # Exactness limits of llama.cpp's CPU flash attention (ggml-cpu ops.cpp, see the top of this file); the
-# other, SEQ_ROWS (the tiled kernel starts at 64 rows of one sequence), lives in parrot_edge.memory.
+# other, SEQ_ROWS (the tiled kernel starts at 64 rows of one sequence), lives in parrot_edge.engine.memory.
 SPLIT_KV_CELLS = 256  # a lone row over more cells than this takes the split kernel (llama.cpp pads n_kv to 256)
 # After handing a step's events for several streams over, wait (at most this long) for the asyncio side to
 # send them before the next llama_decode: on a small machine, streaming concurrently with decoding steals a

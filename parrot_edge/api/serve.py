@@ -26,9 +26,9 @@ def serve_command(args) -> int:
                              slots=args.slots, threads=args.threads, api_key_file=args.api_key_file)
     check_bind(settings)
 
-    from parrot_edge.cpu_probe import probe_llama_cpp
-    from parrot_edge.memory import plan_memory, read_model_info
-    from parrot_edge.store import ModelStore
+    from parrot_edge.deploy.cpu_probe import probe_llama_cpp
+    from parrot_edge.engine.memory import plan_memory, read_model_info
+    from parrot_edge.store.model_store import ModelStore
 
     model = ModelStore(settings.models_dir).resolve(settings.model)
     probe = probe_llama_cpp()
@@ -40,8 +40,8 @@ def serve_command(args) -> int:
 
     import uvicorn
 
-    from parrot_edge.api import create_app
-    from parrot_edge.engine import Engine
+    from parrot_edge.api.app import create_app
+    from parrot_edge.engine.scheduler import Engine
 
     def load_engine() -> Engine:
         return Engine(model.path, name=model.name, slots=plan.slots, ctx_per_slot=plan.ctx_per_slot,

@@ -134,7 +134,7 @@ def default_source(cache: Path, gguf: Path | None) -> Path:
 
 def _default_model_gguf(cache: Path) -> Path:
     from parrot_edge.settings import load_settings
-    from parrot_edge.store import DEFAULT_MODEL, ModelStore, catalog
+    from parrot_edge.store.model_store import DEFAULT_MODEL, ModelStore, catalog
 
     try:
         return ModelStore(load_settings().models_dir).resolve(None).path
@@ -155,7 +155,7 @@ def _default_model_gguf(cache: Path) -> Path:
 
 
 def perplexity(path: Path, tokens: list[int], threads: int | None) -> float:
-    from parrot_edge.converters.llama_run import gguf_logits
+    from parrot_edge.converters.gguf_eval import gguf_logits
     from parrot_edge.converters.verify import log_softmax
 
     windows = [tokens[i:i + _CONTEXT] for i in range(0, len(tokens) - 1, _CONTEXT)]
@@ -168,7 +168,7 @@ def perplexity(path: Path, tokens: list[int], threads: int | None) -> float:
 
 
 def bench_convert_command(args) -> int:
-    from parrot_edge.converters.llama_run import gguf_tokenize
+    from parrot_edge.converters.gguf_eval import gguf_tokenize
 
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 
 from parrot_edge.errors import ParrotEdgeError
 
-if TYPE_CHECKING:  # imported where used: they pull in pydantic, which `import parrot_edge.bundle` should not
-    from parrot_edge.manifest import ModelManifest
-    from parrot_edge.store import ModelStore
+if TYPE_CHECKING:  # imported where used: they pull in pydantic, which `import parrot_edge.deploy.bundle` should not
+    from parrot_edge.store.manifest import ModelManifest
+    from parrot_edge.store.model_store import ModelStore
 
 PLATFORMS = ("x86_64", "aarch64")
 DEFAULT_PYTHONS = ("3.11", "3.12", "3.13", "3.14")
@@ -71,7 +71,7 @@ _NOT_SOURCE = (".git", ".venv", ".cache", "build", "dist", "*.egg-info", "__pyca
 
 def bundle_command(args) -> int:
     from parrot_edge.settings import load_settings
-    from parrot_edge.store import DEFAULT_MODEL, ModelStore, catalog
+    from parrot_edge.store.model_store import DEFAULT_MODEL, ModelStore, catalog
 
     target = args.platform or host_platform()
     if target not in PLATFORMS:
@@ -296,8 +296,8 @@ def collect_model(name: str, store: ModelStore, wheelhouse: Path | None, models_
                   progress: Callable[[str], None]) -> ModelManifest:
     """One model into `models_dir/<name>/`, as its GGUF with its manifest beside it: copied from this computer's
     store when it is installed there, else pulled from the catalog (offline from `wheelhouse`, if given)."""
-    from parrot_edge.manifest import manifest_path_for
-    from parrot_edge.store import MANIFEST, STAMP, ModelStore
+    from parrot_edge.store.manifest import manifest_path_for
+    from parrot_edge.store.model_store import MANIFEST, STAMP, ModelStore
 
     directory = models_dir / name
     manifest = store.get(name)
@@ -330,7 +330,7 @@ def copy_packaging(staging: Path) -> None:
 
 def write_checksums(root: Path) -> dict[str, str]:
     """SHA256SUMS in `sha256sum` format over every file under `root`; the sums by relative path."""
-    from parrot_edge.manifest import sha256_file
+    from parrot_edge.store.manifest import sha256_file
 
     sums = {path.relative_to(root).as_posix(): sha256_file(path) for path in sorted(root.rglob("*")) if path.is_file()}
     (root / "SHA256SUMS").write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.gguf_check import GGUFHeader, check_gguf, read_header
-from parrot_edge.manifest import ModelManifest, atomic_write_bytes, manifest_path_for, model_name
 from parrot_edge.resources import bundled_dir
 from parrot_edge.settings import load_settings
+from parrot_edge.store.gguf_check import GGUFHeader, check_gguf, read_header
+from parrot_edge.store.manifest import ModelManifest, atomic_write_bytes, manifest_path_for, model_name
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MANIFEST = "manifest.json"

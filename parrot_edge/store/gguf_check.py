@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.manifest import sha256_file
+from parrot_edge.store.manifest import sha256_file
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

@@ -12,7 +12,7 @@ import signal
 from collections.abc import Iterator
 
 from parrot_edge.errors import VerificationFailed
-from parrot_edge.manifest import manifest_path_for
+from parrot_edge.store.manifest import manifest_path_for
 
 
 def convert_command(args) -> int:

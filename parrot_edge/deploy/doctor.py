@@ -2,7 +2,7 @@
 
 Everything a technician setting up a classroom machine needs on one screen: the CPU and the features
 llama.cpp's kernels use, memory, disk, the model store, whether this build of llama.cpp runs here (asked
-in a child process, see parrot_edge.cpu_probe) and the memory plan for the model `serve` would load.
+in a child process, see parrot_edge.deploy.cpu_probe) and the memory plan for the model `serve` would load.
 Exits non-zero when something needs fixing first.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import shutil
 
-from parrot_edge.cpu_probe import cpu_info, probe_llama_cpp
+from parrot_edge.deploy.cpu_probe import cpu_info, probe_llama_cpp
+from parrot_edge.engine.memory import available_memory, meminfo, plan_memory, read_model_info
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.memory import available_memory, meminfo, plan_memory, read_model_info
 from parrot_edge.settings import load_settings
-from parrot_edge.store import DEFAULT_MODEL, ModelStore
+from parrot_edge.store.model_store import DEFAULT_MODEL, ModelStore
 
 
 def _show(label: str, *lines: str) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from parrot_edge.sampling import SamplingParams
+from parrot_edge.engine.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
 

@@ -21,12 +21,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parrot_edge import __version__
-from parrot_edge.chat_template import DEFAULT_CHAT_TEMPLATE, DEFAULT_STOP, TemplateError, render_chat
-from parrot_edge.engine import Engine, Finished, PromptTooLong, QueueFull
-from parrot_edge.engine import Request as EngineRequest
+from parrot_edge.api.chat_template import DEFAULT_CHAT_TEMPLATE, DEFAULT_STOP, TemplateError, render_chat
+from parrot_edge.api.metrics import Metrics
+from parrot_edge.api.schemas import ChatCompletionBody, CompletionBody
+from parrot_edge.engine.scheduler import Engine, Finished, PromptTooLong, QueueFull
+from parrot_edge.engine.scheduler import Request as EngineRequest
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.metrics import Metrics
-from parrot_edge.schemas import ChatCompletionBody, CompletionBody
 from parrot_edge.settings import Settings
 
 

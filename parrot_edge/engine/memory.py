@@ -2,7 +2,7 @@
 
 The server checks the plan before loading a model, and the batching engine takes its default number of
 slots (students served at once) from it. The estimate, in bytes, for the engine's context (see
-parrot_edge.engine.context_params: flash attention, micro-batches of at most 256 rows):
+parrot_edge.engine.scheduler.context_params: flash attention, micro-batches of at most 256 rows):
 
   weights   = the GGUF's size             llama.cpp maps the file, and every decode step reads all of it
   kv_cache  = n_layer × slots × ctx_per_slot × (k_dim + v_dim) × 2     f16 keys and values, every cell
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.gguf_check import StringArray, read_header
+from parrot_edge.store.gguf_check import StringArray, read_header
 
 DEFAULT_SLOTS = 8
 DEFAULT_CTX_PER_SLOT = 2048
