@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +21,11 @@ from parrot_edge import __version__
 from parrot_edge.converters.checkpoint import Checkpoint
 from parrot_edge.converters.errors import BadInput
 from parrot_edge.converters.families import open_checkpoint
-from parrot_edge.converters.gguf_writer import BF16, F16, F32, remove_leftovers, temp_file_beside, write_gguf
+from parrot_edge.converters.gguf_writer import BF16, F16, F32, write_gguf
 from parrot_edge.converters.quantize import QUANT_TYPES, describe_fallbacks, fallbacks, quantize
 from parrot_edge.converters.tokenizer import Vocabulary, find_tokenizer, load_vocabulary
 from parrot_edge.converters.weights import source_sha256
+from parrot_edge.files import leftovers_beside, replaced_atomically, temp_file_beside
 from parrot_edge.store.manifest import ModelManifest, manifest_path_for, model_name, sha256_file
 
 DIRECT_TYPES = {"f32": F32, "f16": F16, "bf16": BF16}
@@ -67,9 +67,11 @@ def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant:
     for note in source.notes + vocabulary.notes:
         progress(f"note: {note}")
     if output.parent.is_dir():
-        for leftover in remove_leftovers(output):
+        for leftover in leftovers_beside(output, "partial", "unquantised"):
+            leftover.unlink(missing_ok=True)
             progress(f"note: removed {leftover.name}, left by an earlier run that was killed")
-    with temp_file_beside(output, "partial") as partial:  # first: an unwritable output fails before any work
+    # First: an unwritable output fails before any work. The output is an ordinary file (the umask's mode).
+    with replaced_atomically(output, mode=None) as partial:
         total = sum(path.stat().st_size for path in source.weight_files)
         with tqdm(total=total, unit="B", unit_scale=True, desc="hashing the checkpoint", file=sys.stderr,
                   disable=None, leave=False) as bar:
@@ -86,7 +88,6 @@ def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant:
                 quantize(intermediate, partial, quant, threads)
             if found := fallbacks(partial, quant):
                 progress(f"note: {describe_fallbacks(found, quant)}")
-        os.replace(partial, output)
 
     manifest = ModelManifest(
         name=model_name(name or output.stem), file=output.name, sha256=sha256_file(output),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.llamacpp import lib, load_model, recent_log
+from parrot_edge.llamacpp import Batch, lib, load_model, recent_log
 
 
 def gguf_logits(path: Path, token_lists: list[list[int]], threads: int | None = None) -> list[np.ndarray]:
@@ -26,7 +26,7 @@ def gguf_logits(path: Path, token_lists: list[list[int]], threads: int | None = 
     params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
     params.no_perf = True
     context = llama.llama_init_from_model(model, params)
-    batch = llama.llama_batch_init(longest, 0, 1)
+    batch = Batch(longest)
     try:
         if not context:
             raise ParrotEdgeError(f"llama.cpp could not create a context for {path}: {recent_log()}")
@@ -34,17 +34,15 @@ def gguf_logits(path: Path, token_lists: list[list[int]], threads: int | None = 
         results = []
         for tokens in token_lists:
             llama.llama_memory_clear(llama.llama_get_memory(context), True)
-            batch.n_tokens = len(tokens)
-            for i, token in enumerate(tokens):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, 1
-                batch.seq_id[i][0] = 0
-            if llama.llama_decode(context, batch) != 0:
+            batch.clear()
+            batch.add(tokens, 0, 0, logits=True)
+            if llama.llama_decode(context, batch.raw) != 0:
                 raise ParrotEdgeError(f"llama.cpp failed to evaluate {path}: {recent_log()}")
             logits = np.ctypeslib.as_array(llama.llama_get_logits(context), shape=(len(tokens), n_vocab))
             results.append(logits.copy())
         return results
     finally:
-        llama.llama_batch_free(batch)
+        batch.free()
         if context:
             llama.llama_free(context)
         llama.llama_model_free(model)

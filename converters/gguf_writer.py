@@ -9,11 +9,9 @@ deleted on every failure path, and what a killed run (SIGKILL, power cut) left i
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,6 @@ from tqdm import tqdm
 
 from parrot_edge.converters.checkpoint import GGUFTensor
 from parrot_edge.converters.errors import BadInput
-from parrot_edge.errors import ParrotEdgeError
 
 F32, F16, BF16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16
 FILE_TYPES = {F32: gguf.LlamaFileType.ALL_F32, F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -33,35 +30,6 @@ FILE_TYPES = {F32: gguf.LlamaFileType.ALL_F32, F16: gguf.LlamaFileType.MOSTLY_F1
 _NUMPY = {F32: np.float32, F16: np.float16, BF16: np.uint16}  # bf16 travels as its raw 16-bit pattern
 _LOSSLESS = {torch.float16: F16, torch.bfloat16: BF16}  # anything else is kept as F32
 _CHUNK = 4 << 20  # values converted at a time
-
-
-@contextlib.contextmanager
-def temp_file_beside(target: Path, purpose: str) -> Iterator[Path]:
-    """A fresh hidden file next to `target`, removed on exit unless the caller renamed it away."""
-    try:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".{purpose}", dir=target.parent)
-    except OSError as exc:
-        raise ParrotEdgeError(f"cannot write to {target.parent}: {exc.strerror}") from None
-    os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes it private; the output should be an ordinary file
-    os.close(handle)
-    try:
-        yield Path(name)
-    finally:
-        Path(name).unlink(missing_ok=True)
-
-
-def remove_leftovers(target: Path) -> list[Path]:
-    """Temp files of an earlier run for the same output that was killed before it could clean up."""
-    leftovers = [p for purpose in ("partial", "unquantised") for p in target.parent.glob(f".{target.name}.*.{purpose}")]
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return leftovers
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def tensor_type(tensor: GGUFTensor, requested: gguf.GGMLQuantizationType | None) -> gguf.GGMLQuantizationType:
@@ -74,7 +42,7 @@ def tensor_type(tensor: GGUFTensor, requested: gguf.GGMLQuantizationType | None)
 
 def write_gguf(path: Path, arch: str, metadata: dict[str, Any], tensors: list[GGUFTensor],
                requested: gguf.GGMLQuantizationType | None, description: str = "writing") -> None:
-    """Write a complete GGUF to `path` (a temp file: see `temp_file_beside`)."""
+    """Write a complete GGUF to `path` (a temp file: see parrot_edge.files)."""
     writer = gguf.GGUFWriter(path, arch)
     types = [tensor_type(t, requested) for t in tensors]
     matrix_type = next((q for t, q in zip(tensors, types, strict=True) if len(t.shape) >= 2), F32)

@@ -77,19 +77,6 @@ def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = True, r
     return model
 
 
-def model_metadata(model) -> dict[str, str]:
-    """All GGUF key/value metadata of a loaded model, as strings (arrays are summarised by llama.cpp)."""
-    llama = lib()
-    buf = ctypes.create_string_buffer(1 << 16)
-    meta = {}
-    for i in range(llama.llama_model_meta_count(model)):
-        llama.llama_model_meta_key_by_index(model, i, buf, len(buf))
-        key = buf.value.decode("utf-8", errors="replace")
-        llama.llama_model_meta_val_str_by_index(model, i, buf, len(buf))
-        meta[key] = buf.value.decode("utf-8", errors="replace")
-    return meta
-
-
 def repacking_is_exact(path: Path) -> bool:
     """Whether llama.cpp's repacked weights compute every row the same in any batch: not for K- and i-quants
     (Q4_K_M measured), yes for F32/F16/Q8_0/Q4_0/Q4_1 (tests/test_exactness.py)."""
@@ -99,3 +86,48 @@ def repacking_is_exact(path: Path) -> bool:
 
     types = {gguf.GGMLQuantizationType(tensor.ggml_type).name for tensor in read_header(path).tensors}
     return not any(name.startswith(BATCH_VARIANT_TYPE_PREFIXES) for name in types)
+
+
+class Batch:
+    """A llama_batch of up to `capacity` rows, each in one sequence, filled a run of positions at a time.
+
+    The rows' arrays are numpy views of llama.cpp's own memory, so a run is copied in with a few slice
+    assignments instead of a Python loop over ctypes fields (this is on the engine's hot path)."""
+
+    def __init__(self, capacity: int):
+        import numpy as np
+
+        self._np = np
+        self._llama = lib()
+        self.raw = self._llama.llama_batch_init(capacity, 0, 1)
+        self.capacity = capacity
+        self._tokens = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))
+        self._positions = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))
+        self._logits = np.ctypeslib.as_array(self.raw.logits, shape=(capacity,))
+        np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))[:] = 1
+        self.raw.n_tokens = 0
+
+    @property
+    def rows(self) -> int:
+        return self.raw.n_tokens
+
+    def clear(self) -> None:
+        self.raw.n_tokens = 0
+
+    def add(self, tokens: list[int], first_position: int, seq_id: int, logits: bool = False) -> int:
+        """Append `tokens` at consecutive positions of sequence `seq_id`; the batch index of the first."""
+        start, end = self.raw.n_tokens, self.raw.n_tokens + len(tokens)
+        self._tokens[start:end] = tokens
+        self._positions[start:end] = self._np.arange(first_position, first_position + len(tokens))
+        self._logits[start:end] = logits
+        for i in range(start, end):
+            self.raw.seq_id[i][0] = seq_id
+        self.raw.n_tokens = end
+        return start
+
+    def want_logits(self, start: int, end: int) -> None:
+        """Ask for the logits of rows start..end-1."""
+        self._logits[start:end] = 1
+
+    def free(self) -> None:
+        self._llama.llama_batch_free(self.raw)

@@ -16,8 +16,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from parrot_edge.engine.memory import MAX_SLOTS
+from parrot_edge.engine.context import MAX_SLOTS
 from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.files import xdg_dir
 
 
 def is_loopback(host: str) -> bool:
@@ -30,16 +31,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _xdg(var: str, fallback: str) -> Path:
-    return Path(os.environ.get(var) or Path.home() / fallback)
-
-
 def config_file() -> Path | None:
     """The TOML settings file in effect, if any."""
     explicit = os.environ.get("PARROT_EDGE_CONFIG")
     if explicit:
         return Path(explicit)
-    user_file = _xdg("XDG_CONFIG_HOME", ".config") / "parrot-edge/config.toml"
+    user_file = xdg_dir("XDG_CONFIG_HOME", ".config") / "parrot-edge/config.toml"
     for candidate in (Path("/etc/parrot-edge/config.toml"), user_file):
         if candidate.is_file():
             return candidate
@@ -50,7 +47,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PARROT_EDGE_", extra="forbid", validate_default=True)
 
     # -- where things live
-    data_dir: Path = Field(default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share") / "parrot-edge",
+    data_dir: Path = Field(default_factory=lambda: xdg_dir("XDG_DATA_HOME", ".local/share") / "parrot-edge",
                            description="Model store and state.")
 
     # -- serving

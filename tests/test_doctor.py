@@ -11,7 +11,7 @@ from argparse import Namespace
 
 import pytest
 
-from parrot_edge import doctor
+from parrot_edge.deploy import doctor, preflight
 from parrot_edge.deploy.cpu_probe import CpuInfo, cpu_info, probe_llama_cpp, rebuild_advice
 from parrot_edge.store.model_store import DEFAULT_MODEL, ModelStore, catalog
 
@@ -91,7 +91,7 @@ def test_probe_explains_a_sigill_instead_of_crashing():
 
 def test_doctor_fails_cleanly_on_a_cpu_the_build_cannot_run_on(monkeypatch, capsys, data_dir_with_default_model):
     monkeypatch.setenv("PARROT_EDGE_DATA_DIR", str(data_dir_with_default_model))
-    monkeypatch.setattr(doctor, "probe_llama_cpp", lambda: probe_llama_cpp(child_command=DIES_OF_SIGILL))
+    monkeypatch.setattr(preflight, "probe_llama_cpp", lambda: probe_llama_cpp(child_command=DIES_OF_SIGILL))
     assert doctor.doctor_command(Namespace()) == 1
     out = capsys.readouterr().out
     assert "llama.cpp  FAILED: this build of llama.cpp uses CPU instructions this processor lacks" in out

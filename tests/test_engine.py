@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import time
@@ -12,8 +13,12 @@ import pytest
 
 from parrot_edge import llamacpp
 from parrot_edge.api.chat_template import render_chat
+from parrot_edge.engine.context import context_params
+from parrot_edge.engine.exactness import guess_next
+from parrot_edge.engine.requests import Finished, PromptTooLong, QueueFull, Request
 from parrot_edge.engine.sampling import SamplingParams
-from parrot_edge.engine.scheduler import Engine, Finished, PromptTooLong, QueueFull, Request, context_params, guess_next
+from parrot_edge.engine.scheduler import Engine
+from parrot_edge.engine.shelf import common_prefix
 
 GREEDY = SamplingParams(temperature=0)
 SHELF_BYTES = 24 * 2**20
@@ -76,7 +81,7 @@ def test_concurrent_answers_equal_answers_alone(engine):
 def test_a_long_conversation_alone_equals_it_among_others(engine):
     """Past 256 cells a lone row would take llama.cpp's split kernel; the engine pairs it, so nothing changes."""
     def paired() -> int:  # second rows given: cached tokens again, or guesses
-        return engine.stats["reevaluated_tokens"] + engine.stats["guessed_rows"]
+        return engine.stats.reevaluated_tokens + engine.stats.guessed_rows
 
     paired_before = paired()
 
@@ -113,7 +118,7 @@ def test_idle_slots_bridge_a_lone_long_conversation_to_the_others(default_gguf, 
             return [text for text, _ in together] + [later[0]], later[1].cached_tokens
 
         warm, cached = asyncio.run(scenario())
-        assert bridged.stats["bridges"] >= idle_between, "the idle slots never bridged"
+        assert bridged.stats.bridges >= idle_between, "the idle slots never bridged"
         assert cached > 0, "the idle slot's conversation was not reused"
         for believed, held in bridged.slot_kv_state():
             assert believed == held
@@ -154,17 +159,17 @@ def test_a_lone_long_answer_guesses_ahead_exactly(default_gguf, monkeypatch, sam
     guessing = Engine(default_gguf, name="guessing", slots=1, ctx_per_slot=1024)
     try:
         guessed = conversation(guessing)
-        stats = dict(guessing.stats)
+        stats = dataclasses.asdict(guessing.stats)
     finally:
         guessing.close()
     assert stats["guessed_tokens"] > 0, "no guess was ever right"
     assert stats["guessed_rows"] > stats["guessed_tokens"], "no wrong guess was ever taken back"
 
-    monkeypatch.setattr("parrot_edge.engine.scheduler.guess_next", lambda tokens, last: None)
+    monkeypatch.setattr("parrot_edge.engine.exactness.guess_next", lambda tokens, last: None)
     plain = Engine(default_gguf, name="plain", slots=1, ctx_per_slot=1024)
     try:
         assert conversation(plain) == guessed
-        assert plain.stats["guessed_rows"] == 0 and plain.stats["reevaluated_tokens"] > 0
+        assert plain.stats.guessed_rows == 0 and plain.stats.reevaluated_tokens > 0
     finally:
         plain.close()
 
@@ -189,7 +194,7 @@ def test_cancel_mid_stream_leaves_others_intact(engine):
     assert cancelled.completion_tokens <= 5  # stopped within a token or two of the cancel
     for (want, _), (got, finished) in zip(reference[1:], results[1:], strict=True):
         assert got == want and finished.reason in ("stop", "length")
-    assert engine.snapshot()["slots_busy"] == 0
+    assert engine.state().slots_busy == 0
 
 
 @pytest.mark.parametrize("first_question", ["Tell me about the moon.", LONG_QUESTION], ids=["short", "long"])
@@ -238,10 +243,10 @@ def test_a_conversation_whose_slot_was_taken_comes_back_from_the_shelf(default_g
         await asyncio.gather(*(run(engine, request) for request in others))  # every slot now holds another student
         conversation = [*first, {"role": "assistant", "content": answer},
                         {"role": "user", "content": "How far away is it?"}]
-        unshelved_before = engine.stats["unshelved"]
+        unshelved_before = engine.stats.unshelved
         text, finished = await run(engine, Request(prompt=chat_tokens(engine, conversation), sampling=GREEDY,
                                                    max_tokens=24))
-        return conversation, text, finished, engine.stats["unshelved"] - unshelved_before
+        return conversation, text, finished, engine.stats.unshelved - unshelved_before
 
     conversation, warm, finished, unshelved = asyncio.run(scenario())
     assert unshelved == 1 and finished.cached_tokens > 300, (unshelved, finished.cached_tokens)
@@ -283,14 +288,14 @@ def test_a_burst_sharing_a_system_prompt_evaluates_it_once(default_gguf):
     burst = Engine(default_gguf, name="burst", slots=4, ctx_per_slot=1024, prefill_chunk=32)
     try:
         requests = [teacher_request(burst, q) for q in QUESTIONS[:4]]
-        shared = min(Engine._common_prefix(requests[0].prompt, r.prompt) for r in requests[1:])
+        shared = min(common_prefix(requests[0].prompt, r.prompt) for r in requests[1:])
         assert shared > 100
 
         async def scenario():
             return await asyncio.gather(*(run(burst, r) for r in requests))
 
         together = asyncio.run(scenario())
-        borrowed = burst.stats["borrowed_tokens"]
+        borrowed = burst.stats.borrowed_tokens
         assert borrowed >= 3 * shared, f"borrowed {borrowed} tokens, expected the {shared}-token prefix 3 times"
         assert sum(finished.cached_tokens >= shared for _, finished in together) == 3
         for believed, held in burst.slot_kv_state():
@@ -335,7 +340,7 @@ def test_a_lender_cancelled_midway_leaves_its_borrowers_exact(default_gguf):
 
         async def scenario():
             lender = burst.submit(teacher_request(burst, QUESTIONS[0]))
-            while burst.snapshot()["slots_busy"] == 0:  # the lender is reading its prompt, 4 tokens a step
+            while burst.state().slots_busy == 0:  # the lender is reading its prompt, 4 tokens a step
                 await asyncio.sleep(0.001)
             borrowers = [burst.submit(teacher_request(burst, q)) for q in QUESTIONS[1:3]]
             await asyncio.sleep(0.02)
@@ -343,8 +348,8 @@ def test_a_lender_cancelled_midway_leaves_its_borrowers_exact(default_gguf):
             return await asyncio.gather(collect(lender), *(collect(b) for b in borrowers))
 
         _, *texts = asyncio.run(scenario())
-        assert burst.stats["borrowed_tokens"] == 0, "the lender was cancelled too late to test this"
-        assert burst.snapshot()["slots_busy"] == 0
+        assert burst.stats.borrowed_tokens == 0, "the lender was cancelled too late to test this"
+        assert burst.state().slots_busy == 0
     finally:
         burst.close()
     assert texts == cold_answers(default_gguf, QUESTIONS[1:3])
@@ -402,10 +407,10 @@ def test_many_requests_leave_memory_and_kv_flat(engine):
     gc.collect()
     grown = process.memory_info().rss - before
     assert grown < 20 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB over 500 requests"
-    assert 0 < sum(len(shelved.state) for shelved in engine._shelf.values()) <= SHELF_BYTES
+    assert 0 < engine.shelf.bytes_used <= SHELF_BYTES
     for believed, held in engine.slot_kv_state():
         assert believed == held, "a slot's KV cells disagree with what the engine thinks it holds"
-    assert engine.snapshot()["slots_busy"] == 0 and engine.snapshot()["queue_depth"] == 0
+    assert engine.state().slots_busy == 0 and engine.state().queue_depth == 0
 
 
 @pytest.mark.parametrize("model", ["tiny", "q4_k_m"])

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from parrot_edge import llamacpp
-from parrot_edge.engine.scheduler import SEQ_ROWS, SPLIT_KV_CELLS, context_params, lone_long_rows
+from parrot_edge.engine.context import context_params
+from parrot_edge.engine.exactness import SEQ_ROWS, SPLIT_KV_CELLS, lone_long_rows
 
 LENGTH = 300
 SLOTS = 4

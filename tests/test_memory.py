@@ -10,19 +10,19 @@ import pytest
 
 from parrot_edge.engine.memory import (
     UBATCH_ROWS,
-    ModelInfo,
+    ModelShape,
     available_memory,
     cgroup_headroom,
     meminfo,
     plan_memory,
-    read_model_info,
+    read_model_shape,
 )
 from parrot_edge.errors import ParrotEdgeError
 
 
 @pytest.fixture(scope="module")
-def info(default_gguf) -> ModelInfo:
-    return read_model_info(default_gguf)
+def info(default_gguf) -> ModelShape:
+    return read_model_shape(default_gguf)
 
 
 def test_model_info_comes_from_the_header(info):
@@ -97,7 +97,7 @@ _MEASURE = r"""
 import json, sys
 from pathlib import Path
 from parrot_edge import llamacpp
-from parrot_edge.engine.scheduler import context_params
+from parrot_edge.engine.context import context_params
 
 def rss():
     with open("/proc/self/status") as status:

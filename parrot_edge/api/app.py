@@ -17,15 +17,17 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parrot_edge import __version__
 from parrot_edge.api.chat_template import DEFAULT_CHAT_TEMPLATE, DEFAULT_STOP, TemplateError, render_chat
+from parrot_edge.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from parrot_edge.api.metrics import Metrics
 from parrot_edge.api.schemas import ChatCompletionBody, CompletionBody
-from parrot_edge.engine.scheduler import Engine, Finished, PromptTooLong, QueueFull
-from parrot_edge.engine.scheduler import Request as EngineRequest
+from parrot_edge.engine.requests import Finished, PromptTooLong, QueueFull
+from parrot_edge.engine.requests import Request as EngineRequest
+from parrot_edge.engine.scheduler import Engine
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.settings import Settings
 
@@ -69,7 +71,7 @@ class Runtime:
         self.settings = settings
         self.engine: Engine | None = None
         self.load_error: str | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(lambda: self.engine.state() if self.engine else None)
         self.started = time.time()
         self._load_engine = load_engine
 
@@ -143,18 +145,14 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine]) -> FastAPI
         if runtime.engine is None:
             status = "error" if runtime.load_error else "loading"
             return JSONResponse({"status": status, "error": runtime.load_error}, status_code=503)
-        snapshot = runtime.engine.snapshot()
+        state = runtime.engine.state()
         return {"status": "ok", "model": runtime.engine.info.name,
-                "slots": {"total": snapshot["slots_total"], "busy": snapshot["slots_busy"],
-                          "context_per_slot": snapshot["ctx_per_slot"]},
-                "queue": {"depth": snapshot["queue_depth"], "size": snapshot["queue_size"]}}
+                "slots": {"total": state.slots_total, "busy": state.slots_busy, "context_per_slot": state.ctx_per_slot},
+                "queue": {"depth": state.queue_depth, "size": state.queue_size}}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics")
     async def metrics():
-        engine = runtime.engine
-        state = {**engine.snapshot(), "loaded": 1} if engine else None
-        return PlainTextResponse(runtime.metrics.render(state, dict(engine.batch_sizes) if engine else {}),
-                                 media_type="text/plain; version=0.0.4")
+        return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models():

@@ -7,26 +7,25 @@ process; its wall time and peak RSS (ru_maxrss from wait4) are measured, in inte
 a shared machine is noisy. Then llama.cpp computes the perplexity of both Q4_K_M files on the same
 tokens (and says whether both files tokenise the text identically).
 
-The convert script comes from the llama-cpp-python source distribution of the installed version
-(`pip download --no-binary :all:`, once, into ~/.cache/parrot-edge/bench), run with its bundled gguf-py.
+The convert script is the vendored llama.cpp's (parrot_edge.bench.llama_tools), run with its own gguf-py.
 Without SRC the bench rebuilds a realistic HF checkpoint from the default model's GGUF: real trained
 SmolLM2-135M weights (dequantised to float32, 538 MB) and its real bilingual BPE tokenizer.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from parrot_edge.bench.llama_tools import convert_hf_script
 from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.files import cache_dir
 
 # The perplexity text: everyday school prose in both languages, about 680 tokens for SmolLM2.
 PERPLEXITY_TEXT = """\
@@ -74,11 +73,6 @@ class Step:
     peak_rss_mb: float
 
 
-def cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "parrot-edge" / "bench"
-
-
 def run_measured(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> Step:
     """Run one process to completion; its own wall time and peak RSS.
 
@@ -93,31 +87,6 @@ def run_measured(argv: list[str], cwd: Path, env: dict[str, str] | None = None) 
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise ParrotEdgeError(f"`{' '.join(map(str, argv[:3]))} …` failed ({code}): {' | '.join(tail)}")
     return Step(float(seconds), int(peak_kb) / 1024)
-
-
-def llama_cpp_convert_script(cache: Path) -> Path:
-    """convert_hf_to_gguf.py of the installed llama-cpp-python's vendored llama.cpp, fetched once."""
-    version = importlib.metadata.version("llama-cpp-python")
-    root = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    script = root / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    downloads = cache / "sdist"
-    downloads.mkdir(parents=True, exist_ok=True)
-    print(f"fetching the llama-cpp-python {version} source distribution (llama.cpp's convert script)…", file=sys.stderr)
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                             "--dest", str(downloads), f"llama-cpp-python=={version}"], capture_output=True, text=True)
-    archives = sorted(downloads.glob(f"llama_cpp_python-{version}.tar.gz"))
-    if result.returncode != 0 or not archives:
-        raise ParrotEdgeError(f"could not download llama-cpp-python=={version}'s sdist (needs the network once): "
-                              f"{result.stderr.strip()[-300:]}")
-    wanted = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
-    with tarfile.open(archives[0]) as archive:
-        members = [m for m in archive.getmembers() if m.name.split("/", 1)[-1].startswith(wanted)]
-        archive.extractall(cache, members=members, filter="data")
-    if not script.is_file():
-        raise ParrotEdgeError(f"{archives[0].name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
-    return script
 
 
 def default_source(cache: Path, gguf: Path | None) -> Path:
@@ -170,10 +139,10 @@ def perplexity(path: Path, tokens: list[int], threads: int | None) -> float:
 def bench_convert_command(args) -> int:
     from parrot_edge.converters.gguf_eval import gguf_tokenize
 
-    cache = cache_dir()
+    cache = cache_dir("bench")
     cache.mkdir(parents=True, exist_ok=True)
     source = (args.source.resolve() if args.source else default_source(cache, args.gguf))
-    script = llama_cpp_convert_script(cache)
+    script = convert_hf_script()
     work = cache / "run"
     work.mkdir(exist_ok=True)
     ours, theirs = work / "parrot-edge-q4_k_m.gguf", work / "llama-cpp-q4_k_m.gguf"

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import httpx
 
+from parrot_edge.bench.llama_tools import installed_tool, llama_tool
 from parrot_edge.errors import ParrotEdgeError
 
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parrot-edge"
 SYSTEM = "You are a friendly teacher. Answer in the student's language, in a few sentences."
 TOPICS = ["volcanoes", "the water cycle", "photosynthesis", "the moon", "fractions", "the Roman empire",
           "rainbows", "bees", "gravity", "the heart", "dinosaurs", "electricity", "clouds", "the alphabet",
@@ -107,47 +107,14 @@ def llama_cpp_python_server(gguf: Path, ctx: int, threads: int) -> Server:
                                        "--verbose", "False"], port)
 
 
-def llama_server_binary() -> Path | None:
-    binary = shutil.which("llama-server") or CACHE / "llama-server" / "bin" / "llama-server"
-    return Path(binary) if Path(binary).is_file() else None
-
-
 def llama_server(gguf: Path, slots: int, ctx: int, threads: int) -> Server | None:
-    binary = llama_server_binary()
+    binary = installed_tool("llama-server")
     if binary is None:
         return None
     port = free_port()
     return Server("llama-server", [str(binary), "-m", str(gguf), "--port", str(port), "-np", str(slots),
                                    "-c", str(slots * ctx), "-t", str(threads), "-tb", str(threads), "--no-webui"],
                   port)
-
-
-def build_llama_server() -> Path:
-    """Build llama.cpp's own server from the llama-cpp-python sdist (same llama.cpp version) into the cache."""
-    import llama_cpp
-
-    version = llama_cpp.__version__
-    source = CACHE / f"llama_cpp_python-{version}"
-    if not source.is_dir():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        print(f"fetching the llama-cpp-python {version} source distribution…", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={version}", "-d", str(CACHE)], check=True)
-        subprocess.run(["tar", "xzf", str(CACHE / f"llama_cpp_python-{version}.tar.gz"), "-C", str(CACHE)],
-                       check=True)
-    build = CACHE / "llama-server-build"
-    print("building llama-server (several minutes on 2 cores)…", file=sys.stderr)
-    subprocess.run(["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build),
-                    "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
-                   check=True, stdout=subprocess.DEVNULL)
-    target = CACHE / "llama-server" / "bin"
-    target.mkdir(parents=True, exist_ok=True)
-    for built in (build / "bin").iterdir():
-        if built.name == "llama-server" or built.suffix == ".so" or ".so." in built.name:
-            shutil.copy2(built, target / built.name)
-    return target / "llama-server"
 
 
 # -- clients ----------------------------------------------------------------------------------------------
@@ -289,26 +256,25 @@ _RAW = r"""
 import ctypes, json, sys, time
 from pathlib import Path
 from parrot_edge import llamacpp
-from parrot_edge.engine.scheduler import context_params
+from parrot_edge.engine.context import context_params
 path, n, steps, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 llama = llamacpp.lib()
 model = llamacpp.load_model(path)
 ctx = llama.llama_init_from_model(model, context_params(llama, slots=n, ctx_per_slot=1024, prefill_chunk=256,
                                                          threads=threads))
-batch = llama.llama_batch_init(max(n, 32), 0, 1)
-def decode(rows):
-    for i, (token, pos, seq) in enumerate(rows):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, 1
-        batch.seq_id[i][0] = seq
-    batch.n_tokens = len(rows)
-    assert llama.llama_decode(ctx, batch) == 0
+batch = llamacpp.Batch(max(n, 32))
+def decode(runs):
+    batch.clear()
+    for tokens, first, seq in runs:
+        batch.add(tokens, first, seq, logits=True)
+    assert llama.llama_decode(ctx, batch.raw) == 0
 for seq in range(n):  # a short prompt in every sequence, as students' conversations have
     for start in range(0, 32, 16):
-        decode([(100 + start + i, start + i, seq) for i in range(16)])
+        decode([(list(range(100 + start, 116 + start)), start, seq)])
 timings = []
 for step in range(steps):
     t = time.perf_counter()
-    decode([(200 + step, 32 + step, seq) for seq in range(n)])
+    decode([([200 + step], 32 + step, seq) for seq in range(n)])
     timings.append(time.perf_counter() - t)
 print(json.dumps({"tok_per_s": n * steps / sum(timings)}))  # over the whole run, as the servers are measured
 """
@@ -382,8 +348,8 @@ def bench_classroom_command(args) -> int:
     gguf = _model_path(args.model)
     threads = _threads()
     ctx = 2048
-    if args.build_llama_server and llama_server_binary() is None:
-        build_llama_server()
+    if args.build_llama_server:
+        llama_tool("llama-server")
     servers = [parrot_edge_server(gguf, args.students, ctx, threads)]
     incumbent = llama_server(gguf, args.students, ctx, threads)
     if incumbent is None:

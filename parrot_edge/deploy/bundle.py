@@ -17,7 +17,6 @@ The stick is assembled in a temporary folder beside OUT and renamed into place o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -29,11 +28,12 @@ import tempfile
 import time
 import tomllib
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.files import cache_dir, folder_replaced_atomically
 
 if TYPE_CHECKING:  # imported where used: they pull in pydantic, which `import parrot_edge.deploy.bundle` should not
     from parrot_edge.store.manifest import ModelManifest
@@ -86,7 +86,7 @@ def bundle_command(args) -> int:
     out = args.out.resolve()
     _check_replaceable(out)
     project = Project.find()
-    with _assembled_beside(out) as staging:
+    with folder_replaced_atomically(out) as staging:
         assemble(staging, project, target, pythons, store, models, args.wheelhouse)
     size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
     print(f"\nThe stick is ready: {out} ({size / 1e6:,.0f} MB). On the school computer, as root:\n"
@@ -204,7 +204,7 @@ def portable_llama_wheel(version: str, target: str, progress: Callable[[str], No
     openmp_runtime = bundled_dir("packaging") / OPENMP_RUNTIME_CMAKE
     recipe = " ".join(PORTABLE_LLAMA_CMAKE_ARGS) + openmp_runtime.read_text()
     key = f"{version}-{target}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
-    cache = _cache_dir() / "llama-cpp-python"
+    cache = cache_dir("llama-cpp-python")
     built = cache / key
     wheels = sorted(built.glob("llama_cpp_python-*.whl"))
     if wheels:
@@ -221,14 +221,9 @@ def portable_llama_wheel(version: str, target: str, progress: Callable[[str], No
     cores = os.cpu_count() or 1
     progress(f"compiling llama.cpp's CPU backend once per CPU generation: about {max(5, 60 // cores)} minutes on "
              f"{cores} cores, this once (then cached in {built}). Log: {log}")
-    building = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
-    try:
+    with folder_replaced_atomically(built, "building") as building:
         _compile_llama(version, [*PORTABLE_LLAMA_CMAKE_ARGS, f"-DCMAKE_PROJECT_llama_cpp_INCLUDE={openmp_runtime}"],
                        building, log, progress)
-        building.rename(built)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     return next(built.glob("llama_cpp_python-*.whl"))
 
 
@@ -273,10 +268,6 @@ def _platform_tags(arch: str, glibc: str) -> list[str]:
     manylinux = [f"manylinux_2_{older}_{arch}" for older in range(minor, 4, -1)]
     legacy = [f"{alias}_{arch}" for alias in ("manylinux2014", "manylinux2010", "manylinux1")]
     return [*manylinux, *legacy, f"linux_{arch}"]
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parrot-edge"
 
 
 def _pip(arguments: list[str], what: str) -> None:
@@ -335,27 +326,6 @@ def write_checksums(root: Path) -> dict[str, str]:
     sums = {path.relative_to(root).as_posix(): sha256_file(path) for path in sorted(root.rglob("*")) if path.is_file()}
     (root / "SHA256SUMS").write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
     return sums
-
-
-@contextlib.contextmanager
-def _assembled_beside(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out` (same disk, so renaming is instant) that becomes `out` only if the block
-    succeeds; an earlier stick at `out` is replaced, and a failure leaves it untouched."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would lock everyone but its maker out of the stick
-    try:
-        yield staging
-        if out.exists():
-            previous = staging.with_name(f"{staging.name}.previous")
-            out.rename(previous)
-            staging.rename(out)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def teacher_readme(version: str, platform: str, pythons: list[str], models: list[str], glibc: str) -> str:

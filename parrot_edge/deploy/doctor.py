@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import shutil
 
-from parrot_edge.deploy.cpu_probe import cpu_info, probe_llama_cpp
-from parrot_edge.engine.memory import available_memory, meminfo, plan_memory, read_model_info
-from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.deploy.cpu_probe import cpu_info
+from parrot_edge.deploy.preflight import check_all
+from parrot_edge.engine.memory import available_memory, meminfo
 from parrot_edge.settings import load_settings
 from parrot_edge.store.model_store import DEFAULT_MODEL, ModelStore
 
@@ -39,18 +39,14 @@ def doctor_command(args) -> int:
     _show("Models", str(settings.models_dir), *(rows or ["none installed"]))
     problems += [f"model {m.name}: {damage}" for m in installed if (damage := store.damage(m))]
 
-    probe = probe_llama_cpp()
-    _show("llama.cpp", ("OK: " if probe.ok else "FAILED: ") + probe.message, *filter(None, [probe.system_info]))
-    if not probe.ok:
-        problems.append(probe.message)
-
-    try:
-        model = store.resolve(settings.model)
-        plan = plan_memory(read_model_info(model.path), settings.slots, settings.ctx_per_slot)
-        _show("Plan", f"{model.name}: {plan.summary()}")
-    except ParrotEdgeError as exc:
-        _show("Plan", "FAILED (see below)")
-        problems.append(str(exc))
+    checks, _ = check_all(settings)  # the very checks `serve` makes before it binds
+    for check in checks:
+        if check.ok:
+            _show(check.label, *check.lines)
+        else:
+            one_line = "\n" not in check.lines[0]
+            _show(check.label, f"FAILED: {check.lines[0]}" if one_line else "FAILED (see below)")
+            problems.append(check.lines[0])
 
     print()
     if problems:

@@ -2,7 +2,7 @@
 
 The server checks the plan before loading a model, and the batching engine takes its default number of
 slots (students served at once) from it. The estimate, in bytes, for the engine's context (see
-parrot_edge.engine.scheduler.context_params: flash attention, micro-batches of at most 256 rows):
+parrot_edge.engine.context.context_params: flash attention, micro-batches of at most 256 rows):
 
   weights   = the GGUF's size             llama.cpp maps the file, and every decode step reads all of it
   kv_cache  = n_layer × slots × ctx_per_slot × (k_dim + v_dim) × 2     f16 keys and values, every cell
@@ -27,25 +27,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from parrot_edge.engine.context import UBATCH_ROWS
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.store.gguf_check import StringArray, read_header
 
 DEFAULT_SLOTS = 8
 DEFAULT_CTX_PER_SLOT = 2048
-# The engine's llama.cpp micro-batch, at most (defined here so the memory plan needs no llama.cpp). A burst of
-# short prompts fits in one; per row, 256-row micro-batches measured ~4% faster than 63-row ones here.
-UBATCH_ROWS = 256
-# Rows of one sequence in one engine step, at most: llama.cpp's flash attention tiles (and rounds
-# differently) from 64 rows of one sequence in a micro-batch on, see parrot_edge/engine.py.
-SEQ_ROWS = 63
-MAX_SLOTS = 64  # every slot's next token fits in one micro-batch, twice over
 USABLE_FRACTION = 0.85  # leave the rest to the OS, the server itself and the desktop
 CTX_STEP = 256  # llama.cpp rounds context sizes up to this
 SMALLER_QUANTS = "Q4_0 or Q4_K_M instead of Q8_0 or F16"
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelShape:
     path: Path
     file_size: int
     n_layer: int
@@ -53,7 +47,6 @@ class ModelInfo:
     n_ff: int
     n_vocab: int
     n_ctx_train: int
-    n_head: int
     kv_bytes_per_token: int  # f16 keys and values of one token, all layers: n_layer × (k_dim + v_dim) × 2
 
 
@@ -74,7 +67,7 @@ class MemoryPlan:
                 "available")
 
 
-def read_model_info(path: Path) -> ModelInfo:
+def read_model_shape(path: Path) -> ModelShape:
     """The shape of a model, from its GGUF header (no weights are read)."""
     header = read_header(path)
     meta = header.metadata
@@ -98,7 +91,7 @@ def read_model_info(path: Path) -> ModelInfo:
     value_length = number("attention.value_length", n_embd // n_head)
     n_ff = number("feed_forward_length", 4 * n_embd)
     tokens = meta.get("tokenizer.ggml.tokens", StringArray(0))
-    return ModelInfo(
+    return ModelShape(
         path=Path(path),
         file_size=header.file_size,
         n_layer=n_layer,
@@ -106,7 +99,6 @@ def read_model_info(path: Path) -> ModelInfo:
         n_ff=max(n_ff) if isinstance(n_ff, list) else n_ff,
         n_vocab=meta.get(f"{arch}.vocab_size") or tokens.length,
         n_ctx_train=number("context_length"),
-        n_head=n_head,
         kv_bytes_per_token=sum(heads_kv) * (key_length + value_length) * 2,
     )
 
@@ -150,7 +142,7 @@ def cgroup_headroom(cgroup: Path, root: Path) -> int | None:
     return tightest
 
 
-def plan_memory(info: ModelInfo, slots: int | None = None, ctx_per_slot: int | None = None,
+def plan_memory(info: ModelShape, slots: int | None = None, ctx_per_slot: int | None = None,
                 available: int | None = None, shelf: int = 0) -> MemoryPlan:
     """The memory plan for serving `info`; unset slots become the most (8 down to 1) that fit.
 
@@ -169,7 +161,7 @@ def plan_memory(info: ModelInfo, slots: int | None = None, ctx_per_slot: int | N
     raise ParrotEdgeError(_does_not_fit(info, plan, budget, shelf))
 
 
-def _plan(info: ModelInfo, slots: int, ctx: int, available: int, shelf: int) -> MemoryPlan:
+def _plan(info: ModelShape, slots: int, ctx: int, available: int, shelf: int) -> MemoryPlan:
     kv_cache = slots * ctx * info.kv_bytes_per_token
     activations = UBATCH_ROWS * (12 * info.n_embd + 2 * info.n_ff) * 4
     attention = 2 * UBATCH_ROWS * ctx * 4
@@ -180,7 +172,7 @@ def _plan(info: ModelInfo, slots: int, ctx: int, available: int, shelf: int) -> 
                       available)
 
 
-def _does_not_fit(info: ModelInfo, plan: MemoryPlan, budget: int, shelf: int) -> str:
+def _does_not_fit(info: ModelShape, plan: MemoryPlan, budget: int, shelf: int) -> str:
     message = (f"not enough memory for {info.path.name}: {_slots(plan.slots)} × {plan.ctx_per_slot} tokens "
                f"need {plan.total / 1e6:,.0f} MB (weights {plan.weights / 1e6:,.0f} MB + KV cache "
                f"{plan.kv_cache / 1e6:,.0f} MB + overhead {plan.overhead / 1e6:,.0f} MB), but only "

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.files import write_atomically
 
 _HASH_CHUNK = 4 << 20
 
@@ -72,7 +71,7 @@ class ModelManifest(BaseModel):
             raise ParrotEdgeError(f"invalid manifest {path}: {problems}") from None
 
     def write(self, path: Path) -> None:
-        atomic_write_bytes(Path(path), (json.dumps(self.model_dump(exclude_none=True), indent=2) + "\n").encode())
+        write_atomically(Path(path), (json.dumps(self.model_dump(exclude_none=True), indent=2) + "\n").encode())
 
 
 def model_name(text: str) -> str:
@@ -96,17 +95,3 @@ def sha256_file(path: Path, progress=None) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a small file so a crash leaves either the old content or the new, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            os.fchmod(out.fileno(), 0o644)  # mkstemp makes it owner-only; a service user must read manifests
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

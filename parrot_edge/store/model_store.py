@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -30,10 +29,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from parrot_edge.errors import ParrotEdgeError
+from parrot_edge.files import replaced_atomically, write_atomically
 from parrot_edge.resources import bundled_dir
 from parrot_edge.settings import load_settings
 from parrot_edge.store.gguf_check import GGUFHeader, check_gguf, read_header
-from parrot_edge.store.manifest import ModelManifest, atomic_write_bytes, manifest_path_for, model_name
+from parrot_edge.store.manifest import ModelManifest, manifest_path_for, model_name
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MANIFEST = "manifest.json"
@@ -237,22 +237,17 @@ class ModelStore:
             raise ParrotEdgeError(f"not enough disk space for {file_name}: it needs {size / 1e6:,.1f} MB, and "
                                   f"{directory} has {free / 1e6:,.1f} MB free")
         digest = hashlib.sha256()
-        handle, partial = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".partial", dir=directory)
         try:
-            os.fchmod(handle, 0o644)  # readable by the service user that serves it
-            with os.fdopen(handle, "wb") as out:
-                while chunk := source.read(_COPY_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
-                raise ParrotEdgeError(f"refusing {origin}: its sha256 is {digest.hexdigest()[:16]}…, but its "
-                                      f"manifest says {expected_sha256[:16]}…; the file is damaged or is not "
-                                      f"{name}. Nothing was installed.")
-            os.replace(partial, directory / file_name)
+            with replaced_atomically(directory / file_name) as partial:  # readable by the service user
+                with open(partial, "wb") as out:
+                    while chunk := source.read(_COPY_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+                    raise ParrotEdgeError(f"refusing {origin}: its sha256 is {digest.hexdigest()[:16]}…, but its "
+                                          f"manifest says {expected_sha256[:16]}…; the file is damaged or is not "
+                                          f"{name}. Nothing was installed.")
         except BaseException:
-            Path(partial).unlink(missing_ok=True)
             if not (directory / MANIFEST).exists():  # a first install that failed leaves no directory behind
                 shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -267,7 +262,7 @@ class ModelStore:
         stat = self.gguf_path(manifest).stat()
         stamp = {"sha256": manifest.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                  "checked": time.strftime("%Y-%m-%d %H:%M")}
-        atomic_write_bytes(self.models_dir / manifest.name / STAMP, json.dumps(stamp).encode())
+        write_atomically(self.models_dir / manifest.name / STAMP, json.dumps(stamp).encode())
 
 
 def _repair_hint(name: str) -> str:

@@ -1,0 +1,126 @@
+"""The llama.cpp side of the engine: the model, its vocabulary, and the one context every student shares.
+
+The context holds `slots` sequences, each with its own `ctx_per_slot` KV cells (a stream per sequence:
+attention never scans other students' tokens), and runs flash attention, which makes batching exact (see
+exactness.py) and is faster. The vocabulary is read-only, so tokenising is safe from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from parrot_edge import llamacpp
+from parrot_edge.errors import ParrotEdgeError
+
+# The engine's llama.cpp micro-batch, at most (here, not in the memory plan, which reads it without llama.cpp).
+# A burst of short prompts fits in one; per row, 256-row micro-batches measured ~4% faster than 63-row ones.
+UBATCH_ROWS = 256
+MAX_SLOTS = 64  # every slot's next token fits in one micro-batch, twice over
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the HTTP side needs to know of the served model."""
+
+    name: str
+    path: Path
+    n_ctx_train: int
+    n_vocab: int
+    chat_template: str | None
+    bos_text: str
+    eos_text: str
+    add_bos: bool
+    bos_id: int
+
+
+def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, threads: int | None = None):
+    """The llama_context_params the engine runs with (the memory plan's test measures exactly these)."""
+    if slots > MAX_SLOTS:
+        raise ParrotEdgeError(f"at most {MAX_SLOTS} slots")
+    params = llama.llama_context_default_params()
+    params.n_seq_max = slots
+    params.n_ctx = slots * ctx_per_slot
+    params.n_batch = prefill_chunk + 2 * slots  # a step's most: two rows per slot plus a prompt chunk
+    params.n_ubatch = min(UBATCH_ROWS, params.n_batch)
+    params.kv_unified = False  # each slot owns its cells
+    params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.no_perf = True
+    # Default: one thread per CPU this process may use (llama.cpp's own default of 4 oversubscribes 2 cores).
+    params.n_threads = params.n_threads_batch = threads or len(os.sched_getaffinity(0))
+    return params
+
+
+class LlamaContext:
+    def __init__(self, model_path: Path, *, slots: int, ctx_per_slot: int, prefill_chunk: int,
+                 threads: int | None = None):
+        self.lib = llama = llamacpp.lib()
+        self.model = llamacpp.load_model(model_path, repack=llamacpp.repacking_is_exact(model_path))
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        params = context_params(llama, slots=slots, ctx_per_slot=ctx_per_slot, prefill_chunk=prefill_chunk,
+                                threads=threads)
+        self.ctx = llama.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            llama.llama_model_free(self.model)
+            raise ParrotEdgeError(f"llama.cpp could not create a context of {slots}×{ctx_per_slot} tokens: "
+                                  f"{llamacpp.recent_log() or 'no reason given'}")
+        self.memory = llama.llama_get_memory(self.ctx)
+        self.ubatch_rows = params.n_ubatch
+        self.ctx_per_slot = llama.llama_n_ctx_seq(self.ctx)
+        self.batch = llamacpp.Batch(params.n_batch)
+        self._piece = ctypes.create_string_buffer(256)
+
+    def facts(self, name: str, path: Path) -> ModelFacts:
+        llama = self.lib
+        template = llama.llama_model_chat_template(self.model, None)
+        bos = llama.llama_vocab_bos(self.vocab)
+        eos = llama.llama_vocab_eos(self.vocab)
+        return ModelFacts(
+            name=name, path=path, n_ctx_train=llama.llama_model_n_ctx_train(self.model),
+            n_vocab=llama.llama_vocab_n_tokens(self.vocab),
+            chat_template=template.decode("utf-8") if template else None,
+            bos_text=self.token_text(bos) if bos >= 0 else "", eos_text=self.token_text(eos) if eos >= 0 else "",
+            add_bos=bool(llama.llama_vocab_get_add_bos(self.vocab)), bos_id=bos,
+        )
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buf = (ctypes.c_int32 * capacity)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+            if n >= 0:
+                return buf[:n]
+            capacity = -n
+
+    def token_text(self, token: int) -> str:
+        """A token as text, special tokens rendered (for the chat template's bos/eos)."""
+        return self._token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token adds to the answer (special tokens render as nothing)."""
+        return self._token_bytes(token, special=False)
+
+    def _token_bytes(self, token: int, *, special: bool) -> bytes:
+        n = self.lib.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:  # longer than the buffer: llama.cpp says how long
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        return self._piece.raw[:max(n, 0)]
+
+    def ends_generation(self, token: int) -> bool:
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def decode(self) -> int:
+        """llama_decode of the batch: 0 on success."""
+        return self.lib.llama_decode(self.ctx, self.batch.raw)
+
+    def sample(self, sampler, index: int) -> int:
+        return self.lib.llama_sampler_sample(sampler, self.ctx, index)
+
+    def close(self) -> None:
+        self.batch.free()
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)

@@ -1,0 +1,118 @@
+"""What goes into the engine and what comes out: requests, their events, their refusals, and its counters."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from parrot_edge.engine.sampling import SamplingParams
+from parrot_edge.engine.textstream import TextStream
+from parrot_edge.errors import ParrotEdgeError
+
+
+class QueueFull(ParrotEdgeError):
+    def __init__(self, retry_after: int):
+        super().__init__("every slot is busy and the queue is full; retry shortly")
+        self.retry_after = retry_after
+
+
+class PromptTooLong(ParrotEdgeError):
+    def __init__(self, prompt_tokens: int, limit: int):
+        super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {limit} per request; "
+                         "shorten the conversation")
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    deadline: float = float("inf")  # time.monotonic() by which the request must be finished
+
+
+@dataclass
+class Delta:
+    """Text the client may now see (may be empty when a token completed no character)."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens not evaluated: kept in the slot, unshelved or borrowed
+    queued_ms: float
+    prompt_ms: float  # admission → first token
+    decode_ms: float  # first token → end
+    error: str | None = None
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        if self.completion_tokens < 2 or not self.decode_ms:
+            return 0.0
+        return (self.completion_tokens - 1) / (self.decode_ms / 1000)
+
+
+class Generation:
+    """A request in the engine; the asyncio side reads `events` and may `Engine.cancel()` it at any time."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
+        self.id = next(self._ids)
+        self.request = request
+        self.events: asyncio.Queue[Delta | Finished] = asyncio.Queue()
+        self.loop = loop
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self.admitted = 0.0
+        self.first_token = 0.0
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.text_stream = TextStream(request.stop)
+
+    def outcome(self, reason: str, error: str | None = None) -> Finished:
+        """The Finished event that ends this generation now, with its figures."""
+        now = time.monotonic()
+        first = self.first_token or now
+        admitted = self.admitted or now
+        return Finished(reason=reason, prompt_tokens=len(self.request.prompt),
+                        completion_tokens=self.completion_tokens, cached_tokens=self.cached_tokens,
+                        queued_ms=(admitted - self.submitted) * 1000, prompt_ms=(first - admitted) * 1000,
+                        decode_ms=(now - first) * 1000 if self.first_token else 0.0, error=error)
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (shown in /metrics)."""
+
+    steps: int = 0  # llama_decode calls
+    batch_tokens: int = 0  # rows decoded
+    decode_errors: int = 0
+    reevaluated_tokens: int = 0  # cached tokens evaluated again, to the same values (exactness, joined runs)
+    bridges: int = 0  # of those, idle slots that joined runs of working sequences
+    guessed_rows: int = 0  # companion rows that were a guess of the next token
+    guessed_tokens: int = 0  # guesses that were right
+    borrowed_tokens: int = 0  # prompt tokens copied from another slot
+    shelved: int = 0
+    unshelved: int = 0
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """The engine at one moment (for /health and /metrics)."""
+
+    slots_total: int
+    slots_busy: int
+    queue_depth: int
+    queue_size: int
+    ctx_per_slot: int
+    stats: EngineStats
+    batch_sizes: dict[int, int]  # rows per llama_decode call → how many calls
