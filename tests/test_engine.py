@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import itertools
 import os
 import time
 
@@ -17,7 +18,7 @@ from parrot_edge.engine.context import context_params
 from parrot_edge.engine.exactness import guess_next
 from parrot_edge.engine.requests import Finished, PromptTooLong, QueueFull, Request
 from parrot_edge.engine.sampling import SamplingParams
-from parrot_edge.engine.scheduler import Engine
+from parrot_edge.engine.scheduler import BURST_GAP, Engine
 from parrot_edge.engine.shelf import common_prefix
 
 GREEDY = SamplingParams(temperature=0)
@@ -307,25 +308,34 @@ def test_a_burst_sharing_a_system_prompt_evaluates_it_once(default_gguf):
 
 def test_a_burst_arriving_at_an_idle_engine_is_read_in_one_step(default_gguf):
     """Started on the first prompt alone, a step would make the rest of the class wait for it."""
-    burst = Engine(default_gguf, name="burst", slots=4, ctx_per_slot=512)
-    try:
-        prompts = [burst.tokenize(text, add_special=True) for text in
-                   ("Once upon a time", "The capital of France is", "Water boils at", "Bees make")]
+    texts = ("Once upon a time", "The capital of France is", "Water boils at", "Bees make")
 
-        async def scenario():
-            generations = []
-            for prompt in prompts:  # half a millisecond apart, as requests come off the network
-                generations.append(burst.submit(Request(prompt=prompt, sampling=GREEDY, max_tokens=4)))
-                time.sleep(0.0005)
-            for generation in generations:
-                while not isinstance(await generation.events.get(), Finished):
-                    pass
+    async def scenario(burst: Engine, prompts: list[list[int]]) -> float:
+        generations, arrivals = [], []
+        for prompt in prompts:  # half a millisecond apart, as requests come off the network
+            generations.append(burst.submit(Request(prompt=prompt, sampling=GREEDY, max_tokens=4)))
+            arrivals.append(time.monotonic())
+            time.sleep(0.0005)
+        for generation in generations:
+            while not isinstance(await generation.events.get(), Finished):
+                pass
+        return max(b - a for a, b in itertools.pairwise(arrivals))
 
-        asyncio.run(scenario())
-        first_step_rows = next(iter(burst.batch_sizes))
-        assert first_step_rows == sum(len(p) for p in prompts), burst.batch_sizes
-    finally:
-        burst.close()
+    # A loaded machine may deschedule this thread for longer than a burst's gap (BURST_GAP): such a run is no
+    # burst, and is tried again (on a fresh engine: nothing cached) rather than judged.
+    for _ in range(10):
+        burst = Engine(default_gguf, name="burst", slots=4, ctx_per_slot=512)
+        try:
+            prompts = [burst.tokenize(text, add_special=True) for text in texts]
+            widest_gap = asyncio.run(scenario(burst, prompts))
+            first_step_rows = next(iter(burst.batch_sizes))
+        finally:
+            burst.close()
+        if widest_gap < BURST_GAP * 0.75:
+            break
+    else:
+        pytest.skip("the machine never let four requests arrive within a burst's gap")
+    assert first_step_rows == sum(len(p) for p in prompts), burst.batch_sizes
 
 
 def test_a_lender_cancelled_midway_leaves_its_borrowers_exact(default_gguf):
@@ -343,7 +353,8 @@ def test_a_lender_cancelled_midway_leaves_its_borrowers_exact(default_gguf):
             while burst.state().slots_busy == 0:  # the lender is reading its prompt, 4 tokens a step
                 await asyncio.sleep(0.001)
             borrowers = [burst.submit(teacher_request(burst, q)) for q in QUESTIONS[1:3]]
-            await asyncio.sleep(0.02)
+            while burst.state().slots_busy < 3:  # both borrowers admitted, waiting for the lender's cells
+                await asyncio.sleep(0.001)
             burst.cancel(lender)
             return await asyncio.gather(collect(lender), *(collect(b) for b in borrowers))
 

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import PARROT_EDGE, free_port, run_server
+from serving import PARROT_EDGE, free_port, run_server, wait_until
 
 MODEL = "smollm2-135m-instruct"
 
@@ -152,9 +151,7 @@ def test_full_queue_is_503_with_retry_after(server):
         health = httpx.get(server.url + "/health").json()
         return health["slots"]["busy"] == 2 and health["queue"]["depth"] == 1
 
-    deadline = time.monotonic() + 30
-    while not both_slots_busy_and_one_waiting() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(both_slots_busy_and_one_waiting, "both slots busy and one request waiting")
     response = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "queue_full"
@@ -174,10 +171,7 @@ def test_client_disconnect_frees_the_slot(server, client):
         while received.count(b"data:") < 4:
             received += sock.recv(4096)
     # the socket is closed mid-stream: the slot must be free again almost at once
-    deadline = time.monotonic() + 5
-    while httpx.get(server.url + "/health").json()["slots"]["busy"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert httpx.get(server.url + "/health").json()["slots"]["busy"] == 0
+    wait_until(lambda: httpx.get(server.url + "/health").json()["slots"]["busy"] == 0, "the slot to be freed")
     assert 'outcome="disconnected"' in httpx.get(server.url + "/metrics").text
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=8)
     assert reply.choices[0].message.content

@@ -31,7 +31,6 @@ from typing import BinaryIO
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.files import replaced_atomically, write_atomically
 from parrot_edge.resources import bundled_dir
-from parrot_edge.settings import load_settings
 from parrot_edge.store.gguf_check import GGUFHeader, check_gguf, read_header
 from parrot_edge.store.manifest import ModelManifest, manifest_path_for, model_name
 
@@ -331,81 +330,3 @@ def _require_valid_name(name: str) -> None:
     if not _is_valid_name(name):
         raise ParrotEdgeError(f"invalid model name {name!r}: use lowercase letters, digits, '.', '_' and '-' "
                               "(at most 64, starting with a letter or digit)")
-
-
-# -- `parrot-edge models …`
-
-
-def _store() -> ModelStore:
-    return ModelStore(load_settings().models_dir)
-
-
-def _print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-
-
-def _row(manifest: ModelManifest, last_column: str) -> list[str]:
-    return [manifest.name + (" (default)" if manifest.name == DEFAULT_MODEL else ""),
-            f"{manifest.size / 1e6:,.1f} MB", manifest.quant, manifest.license or "license unknown", last_column]
-
-
-def list_command(args) -> int:
-    store = _store()
-    installed = store.list()
-    if installed:
-        print(f"Installed in {store.models_dir}:")
-        _print_table([_row(manifest, store.state(manifest)) for manifest in installed])
-    else:
-        print(f"No models installed in {store.models_dir}.")
-    names = {manifest.name for manifest in installed}
-    available = [manifest for name, manifest in catalog().items() if name not in names]
-    if available:
-        print(f"\nIn the catalog (offline: add --from {USB_WHEELHOUSE}):")
-        _print_table([_row(manifest, f"parrot-edge models pull {manifest.name}") for manifest in available])
-    return 0
-
-
-def add_command(args) -> int:
-    store = _store()
-    manifest = store.add(args.path, args.name)
-    checked = "matches its manifest" if manifest_path_for(Path(args.path)).is_file() else "recorded in a new manifest"
-    print(f"Added {manifest.name}: {manifest.size / 1e6:,.1f} MB, {manifest.quant}, "
-          f"license {manifest.license or 'unknown'}; sha256 {manifest.sha256[:12]}… {checked}.")
-    print(f"Serve it with: parrot-edge serve --model {manifest.name}")
-    return 0
-
-
-def pull_command(args) -> int:
-    store = _store()
-    if args.if_missing and store.get(args.name) is not None:
-        print(f"{args.name} is already installed.")
-        return 0
-    manifest = store.pull(args.name, args.wheelhouse, progress=lambda message: print(message, flush=True))
-    print(f"Installed {manifest.name}: sha256 verified, {manifest.size / 1e6:,.1f} MB, {manifest.quant}, "
-          f"license {manifest.license or 'unknown'}.")
-    return 0
-
-
-def verify_command(args) -> int:
-    store = _store()
-    failures = checked = 0
-    for result in store.verify(args.name):
-        checked += 1
-        if result.problem is None:
-            print(f"OK      {result.name}", flush=True)
-        else:
-            failures += 1
-            print(f"FAILED  {result.name}: {result.problem}", flush=True)
-    if not checked:
-        print(f"No models installed in {store.models_dir}.")
-    elif failures:
-        print(f"{failures} of {checked} model(s) failed verification.", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def remove_command(args) -> int:
-    manifest = _store().remove(args.name)
-    print(f"Removed {manifest.name} ({manifest.size / 1e6:,.1f} MB freed).")
-    return 0
