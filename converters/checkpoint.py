@@ -1,10 +1,10 @@
 """What every checkpoint family provides: the one interface between source formats and the GGUF side.
 
-A family (hf_llama.py, tinyllama.py, litgpt.py) recognises its files and opens them as a `Checkpoint`.
-Everything after that — tokenizer export, the GGUF writer, llama.cpp's quantiser, verification — only
-sees this interface, so a family for another llama.cpp architecture (ParrotLLM → `plamo3`, Parakeet →
-`mpt`) plugs in by returning its own `arch`, metadata keys, tensors and reference forward; nothing
-else changes.
+A family (converters/families/) recognises its files and opens them as a `Checkpoint`, usually the
+checkpoint class of its llama.cpp architecture (converters/architectures/). Everything after that —
+tokenizer export, the GGUF writer, llama.cpp's quantiser, verification — only sees this interface, so
+another architecture (ParrotLLM → `llama` or `plamo3`, Parakeet → `mpt`) plugs in by returning its own
+`arch`, metadata keys, tensors and reference forward; nothing else changes.
 """
 
 from __future__ import annotations
@@ -62,12 +62,3 @@ class Checkpoint(Protocol):
         """The checkpoint's own function: logits [batch, time, n_vocab] (float32) for token ids [batch, time]."""
         ...
 
-
-@dataclass(frozen=True)
-class Family:
-    """A checkpoint format the converter reads."""
-
-    name: str  # the --family value
-    expects: str  # what it looks for, shown when nothing matches
-    matches: Callable[[Path], bool]  # cheap test on file names and tensor keys
-    open: Callable[[Path, str | None], Checkpoint]  # (source, --config) → checkpoint

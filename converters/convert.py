@@ -15,21 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gguf
 from tqdm import tqdm
 
 from parrot_edge import __version__
 from parrot_edge.converters.checkpoint import Checkpoint
 from parrot_edge.converters.errors import BadInput
 from parrot_edge.converters.families import open_checkpoint
-from parrot_edge.converters.gguf_writer import BF16, F16, F32, write_gguf
-from parrot_edge.converters.quantize import QUANT_TYPES, describe_fallbacks, fallbacks, quantize
+from parrot_edge.converters.gguf_writer import write_gguf
+from parrot_edge.converters.quantize import describe_fallbacks, fallbacks, quantize
+from parrot_edge.converters.quants import DIRECT_QUANTS, QUANT_CHOICES
 from parrot_edge.converters.tokenizer import Vocabulary, find_tokenizer, load_vocabulary
 from parrot_edge.converters.weights import source_sha256
 from parrot_edge.files import leftovers_beside, replaced_atomically, temp_file_beside
 from parrot_edge.store.manifest import ModelManifest, manifest_path_for, model_name, sha256_file
 
-DIRECT_TYPES = {"f32": F32, "f16": F16, "bf16": BF16}
-QUANT_CHOICES = (*DIRECT_TYPES, *QUANT_TYPES)
+DIRECT_TYPES = {quant: gguf.GGMLQuantizationType[name] for quant, name in DIRECT_QUANTS.items()}
 
 
 def say(message: str) -> None:

@@ -17,10 +17,10 @@ import gguf
 import numpy as np
 import torch
 
+from parrot_edge.converters.architectures.llama import interleaved_to_rotate_half
 from parrot_edge.converters.errors import BadInput
-from parrot_edge.converters.hf_llama import hf_key
-from parrot_edge.converters.llama import interleaved_to_rotate_half
-from parrot_edge.converters.tokenizer import CONTROL, PRE_TOKENIZERS, USER_DEFINED
+from parrot_edge.converters.families.hf_llama import hf_key
+from parrot_edge.converters.tokenizer import CONTROL, PRE_TOKENIZERS, SPECIAL_TOKEN_KEYS, USER_DEFINED
 
 
 def hf_checkpoint_from_gguf(path: Path, directory: Path) -> Path:
@@ -110,9 +110,8 @@ def _write_tokenizer(meta: dict[str, Any], directory: Path) -> None:
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
     }
-    for name, gguf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-                           ("pad", "padding_token_id")):
-        if (token_id := meta.get(f"tokenizer.ggml.{gguf_key}")) is not None:
+    for name, gguf_key in SPECIAL_TOKEN_KEYS.items():
+        if (token_id := meta.get(gguf_key)) is not None:
             settings[f"{name}_token"] = tokens[token_id]
     if "tokenizer.chat_template" in meta:
         settings["chat_template"] = meta["tokenizer.chat_template"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import gguf
 
+from parrot_edge.converters.tokenizer import SPECIAL_TOKEN_KEYS
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.llamacpp import lib, load_model
 from parrot_edge.store.gguf_check import StringArray, read_header
@@ -57,15 +58,13 @@ def _tokenizer(path: Path, meta: dict[str, Any]) -> str:
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, StringArray):
         return "none"
-    texts = _token_texts(path, {meta.get(f"tokenizer.ggml.{k}") for k in ("bos_token_id", "eos_token_id",
-                                                                            "unknown_token_id", "padding_token_id")})
+    texts = _token_texts(path, {meta.get(key) for key in SPECIAL_TOKEN_KEYS.values()})
     parts = [f"{meta.get('tokenizer.ggml.model')} (pre-tokenizer {meta.get('tokenizer.ggml.pre', 'default')})",
              f"{tokens.length} tokens"]
     if isinstance(meta.get("tokenizer.ggml.merges"), StringArray):
         parts.append(f"{meta['tokenizer.ggml.merges'].length} merges")
-    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-                      ("pad", "padding_token_id")):
-        if (token_id := meta.get(f"tokenizer.ggml.{key}")) is not None:
+    for name, key in SPECIAL_TOKEN_KEYS.items():
+        if (token_id := meta.get(key)) is not None:
             parts.append(f"{name} {token_id} {texts.get(token_id, '?')!r}")
     parts.append(f"add_bos {meta.get('tokenizer.ggml.add_bos_token', '?')}, "
                  f"add_eos {meta.get('tokenizer.ggml.add_eos_token', '?')}")

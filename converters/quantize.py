@@ -13,17 +13,14 @@ from pathlib import Path
 
 import gguf
 
+from parrot_edge.converters.quants import LLAMA_CPP_QUANTS
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.llamacpp import lib, recent_log
 from parrot_edge.store.gguf_check import read_header
 
 # --quant value → (llama_ftype, the ggml type of its ordinary weight matrices)
-QUANT_TYPES = {
-    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
-    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
-    "q4_k_m": (gguf.LlamaFileType.MOSTLY_Q4_K_M, gguf.GGMLQuantizationType.Q4_K),
-    "q5_k_m": (gguf.LlamaFileType.MOSTLY_Q5_K_M, gguf.GGMLQuantizationType.Q5_K),
-}
+LLAMA_CPP_FTYPES = {quant: (gguf.LlamaFileType[ftype], gguf.GGMLQuantizationType[matrix_type])
+                    for quant, (ftype, matrix_type) in LLAMA_CPP_QUANTS.items()}
 
 
 def quantize(source: Path, target: Path, quant: str, threads: int | None = None, requantize: bool = False) -> None:
@@ -31,7 +28,7 @@ def quantize(source: Path, target: Path, quant: str, threads: int | None = None,
     (`requantize`: from an already quantised GGUF too, at a loss of quality)."""
     llama = lib()
     params = llama.llama_model_quantize_default_params()  # layout must match the bundled library: start here
-    params.ftype = int(QUANT_TYPES[quant][0])
+    params.ftype = int(LLAMA_CPP_FTYPES[quant][0])
     params.allow_requantize = requantize
     params.nthread = threads or 0  # 0: all cores
     if llama.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
@@ -40,13 +37,13 @@ def quantize(source: Path, target: Path, quant: str, threads: int | None = None,
 
 def fallbacks(path: Path, quant: str) -> list[tuple[str, str]]:
     """(tensor, stored type) for every weight matrix whose rows did not fit the blocks of `quant`'s type."""
-    block = gguf.GGML_QUANT_SIZES[QUANT_TYPES[quant][1]][0]
+    block = gguf.GGML_QUANT_SIZES[LLAMA_CPP_FTYPES[quant][1]][0]
     return [(t.name, gguf.GGMLQuantizationType(t.ggml_type).name) for t in read_header(path).tensors
             if len(t.shape) >= 2 and t.name.endswith(".weight") and t.shape[0] % block]
 
 
 def describe_fallbacks(found: list[tuple[str, str]], quant: str) -> str:
-    base = QUANT_TYPES[quant][1]
+    base = LLAMA_CPP_FTYPES[quant][1]
     block = gguf.GGML_QUANT_SIZES[base][0]
     by_type: dict[str, list[str]] = {}
     for name, stored in found:

@@ -30,6 +30,13 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 PAD_SCORE = -1000.0
 # A trainer pads the embedding up to a multiple of 64 or so; a bigger gap means the wrong tokenizer.
 MAX_PADDING = 64
+# The special tokens a GGUF names, as tokenizer_config.json calls them (`<name>_token`) → their GGUF key
+SPECIAL_TOKEN_KEYS = {
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id",
+    "pad": "tokenizer.ggml.padding_token_id",
+}
 
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -226,7 +233,7 @@ def _bpe_default_specials(directory: Path, lookup: dict[str, int]) -> dict[str, 
 def _special_ids(settings: dict[str, Any], lookup: dict[str, int], defaults: dict[str, int]) -> dict[str, int]:
     """bos/eos/unk/pad ids: tokenizer_config.json's named tokens win over the tokenizer's own defaults."""
     special = dict(defaults)
-    for name in ("bos", "eos", "unk", "pad"):
+    for name in SPECIAL_TOKEN_KEYS:
         value = settings.get(f"{name}_token")
         content = value.get("content") if isinstance(value, dict) else value
         if content is None:
@@ -238,8 +245,7 @@ def _special_ids(settings: dict[str, Any], lookup: dict[str, int], defaults: dic
 
 
 def _special_metadata(special: dict[str, int], add_bos: bool, add_eos: bool) -> dict[str, Any]:
-    names = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
-    metadata: dict[str, Any] = {f"tokenizer.ggml.{names[k]}": v for k, v in special.items()}
+    metadata: dict[str, Any] = {SPECIAL_TOKEN_KEYS[name]: token_id for name, token_id in special.items()}
     metadata["tokenizer.ggml.add_bos_token"] = add_bos
     metadata["tokenizer.ggml.add_eos_token"] = add_eos
     return metadata

@@ -1,27 +1,26 @@
 """Name-addressed, lazy access to the tensors of a checkpoint: safetensors files and torch files.
 
 A converter must never hold the whole model: every tensor is read when it is asked for and forgotten
-afterwards. Safetensors are read with plain file reads (the format is a JSON header plus raw arrays).
-Torch files are opened with `torch.load(weights_only=True, mmap=True)`: nothing but tensors and plain
-containers is unpickled, and nothing is read until used. Pages of a memory-mapped file count in the
-process's RSS once touched, so each tensor is copied out and its pages handed back; peak memory then
-stays near the largest tensor instead of the size of the file.
+afterwards. Pages of a memory-mapped file count in the process's RSS once touched, so neither kind of
+file keeps its mapping's pages: safetensors files are opened with `safetensors.safe_open` anew for each
+tensor (measured reason in _SafetensorsFile); torch files with `torch.load(weights_only=True, mmap=True)`
+(nothing but tensors and plain containers is unpickled, nothing is read until used), each tensor copied
+out and its pages handed back. Peak memory then stays near the largest tensor instead of the file's size.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import mmap
 import pickle
-import struct
 import zipfile
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from parrot_edge.converters.errors import BadInput
 from parrot_edge.store.manifest import sha256_file
@@ -40,34 +39,37 @@ def strip_wrapper_prefixes(key: str) -> str:
 
 
 class _SafetensorsFile:
-    """One .safetensors file: header parsed up front, each tensor read from disk on demand."""
+    """One .safetensors file: its index read up front, each tensor read from disk on demand.
+
+    safe_open memory-maps the whole file, and every page a tensor was read from stays in the process's RSS
+    while the file is open; so it is opened for the index, then again for each tensor, and closed at once.
+    Converting a 340 MB checkpoint to F16 (`/usr/bin/time -v parrot-edge convert`, 3 to 5 runs each) peaked
+    at 610-626 MB RSS with one handle kept open, 291-312 MB reopening per tensor, 300-327 MB with the earlier
+    hand-written reader: reopening costs no memory, and re-reading a header per tensor no measurable time.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            with open(path, "rb") as handle:
-                (header_size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(header_size))
-        except (struct.error, ValueError, UnicodeDecodeError):
-            raise BadInput(f"{path} is not a safetensors file (unreadable header)") from None
-        header.pop("__metadata__", None)
-        self.data_start = 8 + header_size
-        self.entries: dict[str, dict[str, Any]] = header
+        with self._open() as handle:
+            names = handle.keys()  # a safe_open handle is not iterable
+            slices = {key: handle.get_slice(key) for key in names}
+            self.entries = {key: (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+                            for key, s in slices.items()}
 
     def tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
-        return {key: (tuple(e["shape"]), _SAFETENSORS_DTYPES.get(e["dtype"], e["dtype"]))
-                for key, e in self.entries.items()}
+        return self.entries
 
     def load(self, key: str) -> torch.Tensor:
-        entry = self.entries[key]
-        begin, end = entry["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        data = torch.empty(end - begin, dtype=torch.uint8)
-        with open(self.path, "rb") as handle:
-            handle.seek(self.data_start + begin)
-            if handle.readinto(memoryview(data.numpy())) != end - begin:
-                raise BadInput(f"{self.path} is truncated: {key} ends past the end of the file")
-        return data.view(dtype).reshape(entry["shape"])
+        with self._open() as handle:
+            return handle.get_tensor(key)
+
+    def _open(self):
+        try:
+            return safe_open(str(self.path), framework="pt")
+        except OSError as exc:
+            raise BadInput(f"cannot read {self.path}: {exc.strerror}") from None
+        except SafetensorError as exc:  # it checks the header and that the data covers the file exactly
+            raise BadInput(f"{self.path} is truncated or not a safetensors file ({exc})") from None
 
 
 class _TorchFile:

@@ -90,6 +90,29 @@ def test_inspect_does_not_import_torch(converted, workdir):
     assert result.stdout.strip().endswith("False"), result.stderr
 
 
+def test_parser_loads_nothing_heavy():
+    """`parrot-edge --help`, `chat` and a kiosk-only install build the parser, --family and --config presets
+    included: the converter's registry and family modules must not import any extra's packages."""
+    code = "import sys; from parrot_edge.cli import build_parser; build_parser(); print(' '.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = {name.split(".")[0] for name in result.stdout.split()}
+    heavy = {"torch", "numpy", "gguf", "llama_cpp", "safetensors", "yaml", "sentencepiece", "tokenizers", "tqdm"}
+    assert "parrot_edge" in loaded and not loaded & heavy, sorted(loaded & heavy)
+
+
+def test_family_choices_are_the_registry():
+    import argparse
+
+    from parrot_edge.cli import build_parser
+    from parrot_edge.converters import families
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("convert", "verify"):
+        options = {o: a for a in commands[command]._actions for o in a.option_strings}
+        assert list(options["--family"].choices) == families.names() == ["tinyllama", "litgpt", "hf-llama"]
+        assert all(preset in options["--config"].help for preset in families.presets())
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["--quant", "q3_k"], 2, "error: unknown quant type 'q3_k'"),
     (["--config", "tiny_LLaMA_9b"], 2, "error: --config tiny_LLaMA_9b: neither a preset"),

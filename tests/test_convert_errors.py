@@ -22,7 +22,7 @@ from converter_fixtures import (
 )
 from safetensors.torch import load_file, save_file
 
-from parrot_edge.converters import llama
+from parrot_edge.converters.architectures import llama
 from parrot_edge.converters.convert import check_quant, convert, open_source
 from parrot_edge.converters.errors import BadInput
 from parrot_edge.converters.families import open_checkpoint
@@ -112,8 +112,8 @@ def test_legacy_torch_format(tmp_path):
 def test_truncated_safetensors(hf_dir):
     data = (hf_dir / "model.safetensors").read_bytes()
     (hf_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
-    checkpoint, vocabulary = open_source(hf_dir, None, None, None)
-    with pytest.raises(BadInput, match="truncated"):
+    with pytest.raises(BadInput, match="truncated"):  # safe_open checks the file's length as it opens it
+        checkpoint, vocabulary = open_source(hf_dir, None, None, None)
         convert(checkpoint, vocabulary, hf_dir.parent / "out.gguf", "f16", progress=lambda _: None)
     assert not list(hf_dir.parent.glob("*.gguf")) and not list(hf_dir.parent.glob(".out.gguf.*"))
 

@@ -18,9 +18,9 @@ from converter_fixtures import (
     tinyllama_checkpoint,
 )
 
+from parrot_edge.converters.architectures.llama import interleaved_to_rotate_half, rotate_half_to_interleaved
 from parrot_edge.converters.errors import BadInput
 from parrot_edge.converters.families import open_checkpoint
-from parrot_edge.converters.llama import interleaved_to_rotate_half, rotate_half_to_interleaved
 
 TOKENS = [[1, 17, 250, 3, 99, 42, 7, 300, 12, 5, 480, 64, 2, 77, 150, 9]]
 
@@ -113,6 +113,21 @@ def test_family_override_and_license(tmp_path):
         open_checkpoint(tmp_path, family="gguf")
 
 
+def test_registry_keeps_detection_order_and_refuses_clashes():
+    from parrot_edge.converters import families
+
+    known = families.registered()
+    assert [f.name for f in known] == ["tinyllama", "litgpt", "hf-llama"]  # most specific first
+    assert list(families.presets()) == ["tiny_LLaMA_1b", "tiny_LLaMA_120M", "code_tiny_LLaMA_1b", "micro-llama-300M"]
+    twin = known[0]
+    for clash, message in ((dict(priority=99), "two checkpoint families are named"),
+                           (dict(name="other", presets={}), "share priority"),
+                           (dict(name="other", priority=99), "both define the presets")):
+        with pytest.raises(ValueError, match=message):
+            families.register(families.Family(**{**vars(twin), **clash}))
+    assert families.registered() == known
+
+
 @pytest.mark.parametrize("preset,parameters,context,rope_scale", [
     ("tiny_LLaMA_1b", 1_100_048_384, 2048, 1.0),  # ParrotAI-1.1B / TinyLlama (checkpoint-formats.md §2.1)
     ("code_tiny_LLaMA_1b", 1_100_048_384, 8192, 4.0),
@@ -121,9 +136,10 @@ def test_family_override_and_license(tmp_path):
 def test_presets_describe_the_published_models(preset, parameters, context, rope_scale):
     import math
 
-    from parrot_edge.converters.lit_checkpoint import PRESETS, llama_config
-    from parrot_edge.converters.llama import tensor_shapes
+    from parrot_edge.converters.architectures.llama import tensor_shapes
+    from parrot_edge.converters.families import presets
+    from parrot_edge.converters.families._lit_checkpoint import llama_config
 
-    config, vocab = llama_config(PRESETS[preset], preset)
+    config, vocab = llama_config(presets()[preset], preset)
     assert sum(math.prod(shape) for shape in tensor_shapes(config).values()) == parameters
     assert (config.context_length, config.rope_scale, vocab, config.n_vocab) == (context, rope_scale, 32000, 32000)

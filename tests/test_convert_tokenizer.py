@@ -15,10 +15,10 @@ import pytest
 from converter_fixtures import SPECIAL_TOKENS, TEXTS, build_bpe_tokenizer, train_sentencepiece
 
 from parrot_edge.api.chat_template import DEFAULT_CHAT_TEMPLATE
+from parrot_edge.converters.architectures.llama import LlamaConfig, gguf_metadata
 from parrot_edge.converters.errors import BadInput
 from parrot_edge.converters.gguf_eval import gguf_tokenize
 from parrot_edge.converters.gguf_writer import write_gguf
-from parrot_edge.converters.llama import LlamaConfig, gguf_metadata
 from parrot_edge.converters.tokenizer import BYTE, CONTROL, UNUSED, Vocabulary, find_tokenizer, load_vocabulary
 
 

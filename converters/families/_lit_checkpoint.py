@@ -1,5 +1,8 @@
 """What the two lit-gpt families share: the torch file, the architecture config, and the fused QKV layouts.
 
+A helper, not a family (hence the "_": the registry does not import it). The families import it when they
+detect or open a checkpoint, so it may import torch and yaml at the top.
+
 lit-gpt checkpoints carry no architecture: it comes from a litgpt-style model_config.yaml beside the
 file, a named preset, or --config. Keys are `transformer.h.N.…`; the attention projections are fused
 into one matrix, in one of two layouts:
@@ -17,24 +20,13 @@ from typing import Any
 import torch
 import yaml
 
+from parrot_edge.converters.architectures.llama import LlamaCheckpoint, LlamaConfig, SourceTensor, tensor_shapes
 from parrot_edge.converters.checkpoint import SourceInfo
 from parrot_edge.converters.errors import BadInput
-from parrot_edge.converters.llama import LlamaCheckpoint, LlamaConfig, SourceTensor, tensor_shapes
+from parrot_edge.converters.families import presets
 from parrot_edge.converters.weights import WeightFiles
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-_LLAMA_STYLE = dict(rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-                    mlp_class_name="LLaMAMLP", norm_eps=1e-5, block_size=2048, vocab_size=32000, padding_multiple=64)
-# Named architectures (lit_gpt/config.py of TinyLlama; litgpt's micro-llama-300M), in model_config.yaml terms.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny_LLaMA_1b": dict(_LLAMA_STYLE, n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632),
-    "tiny_LLaMA_120M": dict(_LLAMA_STYLE, n_layer=12, n_head=12, n_embd=768, n_query_groups=1,
-                            intermediate_size=2048),
-    "code_tiny_LLaMA_1b": dict(_LLAMA_STYLE, n_layer=22, n_head=32, n_embd=2048, n_query_groups=4,
-                               intermediate_size=5632, block_size=8192, rope_condense_ratio=4),
-    "micro-llama-300M": dict(_LLAMA_STYLE, n_layer=12, n_head=16, n_embd=1024, n_query_groups=4,
-                             intermediate_size=5632),
-}
 # litgpt options that change the computation away from plain Llama: refused when set (truthy)
 _NOT_LLAMA = ("norm_qk", "post_attention_norm", "post_mlp_norm", "shared_attention_norm", "scale_embeddings",
               "lm_head_bias", "attn_bias", "final_logit_softcapping", "attention_logit_softcapping",
@@ -59,16 +51,20 @@ def has_keys(source: Path, *markers: str) -> bool:
 
 
 def read_config(argument: str | None, beside: Path) -> tuple[dict[str, Any], str] | None:
-    """(litgpt-style config dict, where it came from) from --config (preset name or file) or model_config.yaml."""
-    if argument in PRESETS:
-        return dict(PRESETS[argument], name=argument), f"preset {argument}"
+    """(litgpt-style config dict, where it came from) from --config (preset name or file) or model_config.yaml.
+
+    Any family's preset is accepted: a preset only names an architecture, whichever format holds the weights.
+    """
+    known = presets()
+    if argument in known:
+        return dict(known[argument], name=argument), f"preset {argument}"
     path = Path(argument) if argument else beside / "model_config.yaml"
     if argument is None and not path.is_file():
         return None
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise BadInput(f"--config {argument}: neither a preset ({', '.join(PRESETS)}) nor an existing file") from None
+        raise BadInput(f"--config {argument}: neither a preset ({', '.join(known)}) nor an existing file") from None
     except yaml.YAMLError as exc:
         raise BadInput(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -130,6 +126,19 @@ def split_concatenated_qkv(fused: torch.Tensor, config: LlamaConfig) -> tuple[to
     return fused.split((config.n_head * config.head_dim, kv_rows, kv_rows))
 
 
+def _architecture(path: Path, config_argument: str | None, preset_hint: str | None) -> tuple[dict[str, Any], str]:
+    """--config, else model_config.yaml beside the file, else the preset the checkpoint's hparams name."""
+    found = read_config(config_argument, path.parent)
+    known = presets()
+    if found is None and preset_hint in known:
+        found = dict(known[preset_hint], name=preset_hint), f"preset {preset_hint} (named in the hparams it holds)"
+    if found is None:
+        raise BadInput(f"missing config for {path}: a lit-gpt checkpoint does not record its architecture (heads, "
+                       f"query groups). Put its model_config.yaml beside it, or pass --config with a file or a "
+                       f"preset ({', '.join(known)})")
+    return found
+
+
 def open_lit_checkpoint(source: Path, config_argument: str | None, *, family: str, qkv_key: str,
                         split_qkv, mlp_keys: tuple[str, str, str], preset_hint: str | None = None) -> LlamaCheckpoint:
     """A lit-gpt checkpoint as a LlamaCheckpoint. `mlp_keys` name the gate, up and down projections."""
@@ -137,14 +146,7 @@ def open_lit_checkpoint(source: Path, config_argument: str | None, *, family: st
     if path is None:
         raise BadInput(f"no checkpoint file in {source} (expected lit_model.pth or a single .pth file)")
     files = WeightFiles([path])
-    found = read_config(config_argument, path.parent)
-    if found is None and preset_hint in PRESETS:
-        found = dict(PRESETS[preset_hint], name=preset_hint), f"preset {preset_hint} (named in the hparams it holds)"
-    if found is None:
-        raise BadInput(f"missing config for {path}: a lit-gpt checkpoint does not record its architecture (heads, "
-                       f"query groups). Put its model_config.yaml beside it, or pass --config with a file or a "
-                       f"preset ({', '.join(PRESETS)})")
-    lit, origin = found
+    lit, origin = _architecture(path, config_argument, preset_hint)
     config, declared_vocab = llama_config(lit, origin)
 
     layer_keys = {"attn_norm": "norm_1", "attn_output": "attn.proj", "ffn_norm": "norm_2",

@@ -1,4 +1,5 @@
-"""The llama.cpp `llama` architecture: its config, metadata keys, tensor names and the Q/K permutation.
+"""The llama.cpp `llama` architecture: config, GGUF metadata keys, tensor names and shapes, the Q/K
+permutation, the checkpoint class families hand their tensors to, and the PyTorch reference forward.
 
 All three families of this converter (HF Llama, TinyLlama/lit-gpt, modern litgpt) are Llama-style
 models; each maps its own keys onto the tensor names below and hands them to `LlamaCheckpoint`, which
@@ -8,6 +9,12 @@ Why the permutation: HF and lit-gpt apply RoPE "rotate-half" (dimension i pairs 
 llama.cpp's `llama` rotates adjacent pairs (2i, 2i+1). Reordering the rows of every Q and K head so that
 row 2i+j comes from row j·head_dim/2 + i makes the two agree exactly; V and the output projection are
 untouched (attention scores q·k do not depend on a shared reordering of q and k).
+
+Why a reference forward of our own: the lit-gpt families have no other implementation available at run
+time, so verification compares llama.cpp against this. It reads weights by their GGUF names but in the
+checkpoint's own layout (rotate-half RoPE, Q/K rows not permuted), so a wrong permutation or split in the
+writer shows up as a mismatch. Weights are fetched per layer as the forward reaches them: memory stays
+near one layer. Tests prove it against transformers' LlamaForCausalLM and the litgpt package.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from parrot_edge.converters.checkpoint import GGUFTensor, SourceInfo
 from parrot_edge.converters.errors import BadInput
-from parrot_edge.converters.reference import llama_logits
+
+# -- config
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,9 @@ class LlamaConfig:
         if self.rope_scale <= 0 or self.rope_base <= 0 or self.norm_eps <= 0:
             raise BadInput(f"rope base {self.rope_base}, rope scale {self.rope_scale} and norm eps "
                            f"{self.norm_eps} must be positive")
+
+
+# -- GGUF metadata and tensors
 
 
 def gguf_metadata(config: LlamaConfig) -> dict[str, Any]:
@@ -99,6 +111,9 @@ def tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# -- Q/K permutation
+
+
 def rotate_half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder each head's rows (2, hd/2) → (hd/2, 2): new row 2i+j = old row j·hd/2 + i."""
     rows, cols = weight.shape
@@ -111,6 +126,9 @@ def interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tens
     rows, cols = weight.shape
     head_dim = rows // n_heads
     return weight.reshape(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# -- the checkpoint, as families hand it over
 
 
 @dataclass(frozen=True)
@@ -152,4 +170,56 @@ class LlamaCheckpoint:
 
 
 def _permuted(load: Callable[[], torch.Tensor], n_heads: int) -> Callable[[], torch.Tensor]:
+    # rotate_half_to_interleaved is looked up at call time, so a test can skip it and see verification fail
     return lambda: rotate_half_to_interleaved(load(), n_heads)
+
+
+# -- reference forward
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_tables(config: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [time, head_dim] for rotate-half RoPE; linear scaling divides positions by rope_scale."""
+    inv_freq = 1.0 / config.rope_base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
+    positions = torch.arange(length, dtype=torch.float64) / config.rope_scale
+    angles = torch.outer(positions, inv_freq).repeat(1, 2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+@torch.inference_mode()
+def llama_logits(config: LlamaConfig, weight: Callable[[str], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, time, n_vocab] for token ids [batch, time]; `weight(name)` returns a float32 tensor."""
+    batch, length = tokens.shape
+    hd, n_head, n_kv = config.head_dim, config.n_head, config.n_kv_head
+    cos, sin = rope_tables(config, length)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+
+    x = weight("token_embd.weight")[tokens]
+    for i in range(config.n_layer):
+        def w(part: str, i: int = i) -> torch.Tensor:
+            return weight(f"blk.{i}.{part}.weight")
+
+        h = rms_norm(x, w("attn_norm"), config.norm_eps)
+        q = (h @ w("attn_q").T).view(batch, length, n_head, hd).transpose(1, 2)
+        k = (h @ w("attn_k").T).view(batch, length, n_kv, hd).transpose(1, 2)
+        v = (h @ w("attn_v").T).view(batch, length, n_kv, hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # grouped-query attention: query head j reads key/value head j // (n_head // n_kv)
+        k, v = k.repeat_interleave(n_head // n_kv, dim=1), v.repeat_interleave(n_head // n_kv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / hd**0.5
+        attention = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        x = x + attention.transpose(1, 2).reshape(batch, length, n_head * hd) @ w("attn_output").T
+
+        h = rms_norm(x, w("ffn_norm"), config.norm_eps)
+        x = x + (F.silu(h @ w("ffn_gate").T) * (h @ w("ffn_up").T)) @ w("ffn_down").T
+
+    x = rms_norm(x, weight("output_norm.weight"), config.norm_eps)
+    return x @ weight("token_embd.weight" if config.tied_embeddings else "output.weight").T

@@ -1,7 +1,10 @@
-"""Family 1: Hugging Face Llama directories (LlamaForCausalLM) — MicroLlama, TinyLlama's hub releases, SmolLM2.
+"""Family: Hugging Face Llama directories (LlamaForCausalLM) — MicroLlama, TinyLlama's hub releases, SmolLM2.
 
 A directory with config.json and the weights as model.safetensors, sharded model-*.safetensors with
 model.safetensors.index.json, or pytorch_model*.bin. Keys map one to one onto the `llama` tensors.
+
+Self-contained, so the family to copy: module-level imports stay light (the registry imports this
+module for `parrot-edge --help`), the family registers itself at the bottom.
 """
 
 from __future__ import annotations
@@ -9,12 +12,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from parrot_edge.converters.checkpoint import Family, SourceInfo
 from parrot_edge.converters.errors import BadInput
-from parrot_edge.converters.llama import LlamaCheckpoint, LlamaConfig, SourceTensor, tensor_shapes
-from parrot_edge.converters.weights import WeightFiles
+from parrot_edge.converters.families import Family, register
+
+if TYPE_CHECKING:
+    from parrot_edge.converters.architectures.llama import LlamaCheckpoint, LlamaConfig
 
 # per-layer GGUF name → HF name
 _LAYER_KEYS = {
@@ -69,6 +73,8 @@ def matches(path: Path) -> bool:
 
 def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
     """LlamaConfig from a transformers config.json (v4 rope_theta/rope_scaling or v5 rope_parameters)."""
+    from parrot_edge.converters.architectures.llama import LlamaConfig  # torch: not at import (see the registry)
+
     architectures = hf.get("architectures") or []
     if "LlamaForCausalLM" not in architectures and hf.get("model_type") != "llama":
         raise BadInput(f"config.json describes {architectures or hf.get('model_type')}, not LlamaForCausalLM")
@@ -113,6 +119,11 @@ def read_license(directory: Path) -> str | None:
 
 
 def open_checkpoint(path: Path, config_path: str | None) -> LlamaCheckpoint:
+    # torch and the architecture load here, not at import: the registry imports this module for --help
+    from parrot_edge.converters.architectures.llama import LlamaCheckpoint, SourceTensor, tensor_shapes
+    from parrot_edge.converters.checkpoint import SourceInfo
+    from parrot_edge.converters.weights import WeightFiles
+
     directory = _directory(path)
     config_file = Path(config_path) if config_path else directory / "config.json"
     try:
@@ -136,10 +147,11 @@ def open_checkpoint(path: Path, config_path: str | None) -> LlamaCheckpoint:
     return LlamaCheckpoint(source, config, tensors)
 
 
-FAMILY = Family(
+register(Family(
     name="hf-llama",
     expects="a directory with config.json (LlamaForCausalLM) and model*.safetensors or pytorch_model*.bin "
             "(keys model.layers.N.self_attn.q_proj.weight, ...)",
+    priority=30,  # last: its test looks at file names only, and other formats may hold a config.json too
     matches=matches,
     open=open_checkpoint,
-)
+))

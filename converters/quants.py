@@ -1,0 +1,19 @@
+"""The --quant choices and how each is made: one table, plain strings, so `parrot-edge --help` can list
+them without importing gguf (or anything else the kiosk does not install).
+
+Names are gguf-py's enum names: convert.py and quantize.py turn them into gguf.GGMLQuantizationType /
+gguf.LlamaFileType.
+"""
+
+from __future__ import annotations
+
+# Written by parrot-edge's own GGUF writer: --quant value → GGML type of the weight matrices.
+DIRECT_QUANTS: dict[str, str] = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+# Made by llama.cpp's quantiser: --quant value → (llama_ftype, GGML type of its ordinary weight matrices).
+LLAMA_CPP_QUANTS: dict[str, tuple[str, str]] = {
+    "q8_0": ("MOSTLY_Q8_0", "Q8_0"),
+    "q4_0": ("MOSTLY_Q4_0", "Q4_0"),
+    "q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K"),
+    "q5_k_m": ("MOSTLY_Q5_K_M", "Q5_K"),
+}
+QUANT_CHOICES: tuple[str, ...] = (*DIRECT_QUANTS, *LLAMA_CPP_QUANTS)
