@@ -18,8 +18,8 @@ from textual.widgets import Input
 from textual.worker import Worker
 
 from parrot_edge.kiosk.client import (
+    AnswerEnd,
     ConversationTooLong,
-    Finished,
     NotAllowed,
     ServerBusy,
     ServerRefused,
@@ -106,7 +106,7 @@ class ChatScreen(Screen):
             await self._wait_for_server(reply)
             try:
                 async for piece in app.client.stream_chat(app.model, [app.system_message(), *self.turns]):
-                    if isinstance(piece, Finished):
+                    if isinstance(piece, AnswerEnd):
                         app.speed = piece.tokens_per_second
                     else:
                         app.note_activity()  # someone may be reading it: no idle reset mid-answer

@@ -31,7 +31,7 @@ class Health:
 
 
 @dataclass(frozen=True)
-class Finished:
+class AnswerEnd:
     """The end of an answer, with its decode speed as the server measured it."""
 
     tokens_per_second: float | None
@@ -87,8 +87,8 @@ class ParrotClient:
             return Health(Connection.READY, body.get("model"))
         return Health(Connection.LOADING if body.get("status") == "loading" else Connection.BROKEN)
 
-    async def stream_chat(self, model: str, messages: list[dict[str, str]]) -> AsyncIterator[str | Finished]:
-        """The answer's text as it is generated, then one `Finished`."""
+    async def stream_chat(self, model: str, messages: list[dict[str, str]]) -> AsyncIterator[str | AnswerEnd]:
+        """The answer's text as it is generated, then one `AnswerEnd`."""
         body = {"model": model, "messages": messages, "stream": True}
         try:
             async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -101,7 +101,7 @@ class ParrotClient:
             raise ServerUnavailable(str(exc)) from exc
 
 
-async def _read_events(response: httpx.Response) -> AsyncIterator[str | Finished]:
+async def _read_events(response: httpx.Response) -> AsyncIterator[str | AnswerEnd]:
     speed = None
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
@@ -117,7 +117,7 @@ async def _read_events(response: httpx.Response) -> AsyncIterator[str | Finished
                 yield text
             if choice.get("finish_reason"):  # the last chunk carries the server's own measure
                 speed = chunk.get("timings", {}).get("predicted_per_second")
-    yield Finished(speed)
+    yield AnswerEnd(speed)
 
 
 def _error_for(response: httpx.Response) -> Exception:

@@ -1,5 +1,5 @@
 """The chat as a real process: what it imports, and the real `parrot-edge chat --kiosk` in a pseudo-terminal
-that says it is the Linux console, read back off a rebuilt 80x24 screen."""
+that says it is the Linux console, read back off an 80x24 terminal emulator (pyte)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pexpect
+import pyte
 import pytest
 from serving import run_server
 
@@ -59,42 +60,41 @@ def test_importing_the_kiosk_loads_no_inference_stack():
 
 
 class Screen:
-    """Just enough of a terminal to read Textual's output: cursor moves and text. Colours, modes and other
-    escapes are skipped; the screen is rebuilt from everything received, so a half-read escape heals."""
+    """The child's terminal: everything it writes goes through pyte, a real VT100/xterm emulator, at 80x24.
 
-    TOKEN = re.compile(r"\x1b\[([0-9;?<>=$]*)([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[^\[\]]|(.)", re.DOTALL)
+    The screen is the child's pexpect log of what it read, so output that `expect` consumed is on it too, and
+    `received` keeps all of it, escapes included, for what the screen does not show (leaving the alternate
+    screen, a traceback printed after the chat is gone). pyte knows no kitty keyboard protocol: the `ESC [ < u`
+    Textual sends on its way out leaves a stray "u", after the last screen any test reads."""
 
     def __init__(self, child: pexpect.spawn):
         self.child = child
         self.received = ""
+        self._terminal = pyte.Screen(COLUMNS, ROWS)
+        self._stream = pyte.Stream(self._terminal)
+        child.logfile_read = self  # pexpect hands every decoded piece it reads to write()
+
+    def write(self, text: str) -> None:
+        self.received += text
+        self._stream.feed(text)
+
+    def flush(self) -> None:
+        pass
 
     def lines(self) -> list[str]:
         with_more = True
         while with_more:
             try:
-                self.received += self.child.read_nonblocking(1 << 16, timeout=0.05)
+                self.child.read_nonblocking(1 << 16, timeout=0.05)
             except (pexpect.TIMEOUT, pexpect.EOF):
                 with_more = False
-        cells = [[" "] * COLUMNS for _ in range(ROWS)]
-        row = column = 0
-        for match in self.TOKEN.finditer(self.received):
-            parameters, final, char = match.group(1), match.group(2), match.group(3)
-            if final in ("H", "f"):
-                numbers = [int(n) if n else 1 for n in (parameters or "").split(";")] + [1, 1]
-                row, column = numbers[0] - 1, numbers[1] - 1
-            elif char == "\n":
-                row, column = min(row + 1, ROWS - 1), 0
-            elif char == "\r":
-                column = 0
-            elif char is not None and column < COLUMNS:
-                cells[row][column] = char
-                column += 1
-        return ["".join(cells_row).rstrip() for cells_row in cells]
+        return [line.rstrip() for line in self._terminal.display]
 
     def text(self) -> str:
         return "\n".join(self.lines())
 
-    def wait_for(self, condition: Callable[[list[str]], bool], what: str, timeout: float = 60) -> list[str]:
+    def wait_for(self, condition: Callable[[list[str]], bool], what: str, timeout: float = 120) -> list[str]:
+        """Poll the screen until `condition(lines)`; the timeout is only how long a broken chat gets to show it."""
         deadline = time.monotonic() + timeout
         while not condition(lines := self.lines()):
             if time.monotonic() > deadline:
@@ -113,10 +113,9 @@ def spawn_chat(script: str, modules_file: Path, url: str, data_dir: Path) -> pex
                          env=env, dimensions=(ROWS, COLUMNS), encoding="utf-8", codec_errors="replace")
 
 
-def stop_like_the_service_manager(child: pexpect.spawn, screen: Screen) -> None:
+def stop_like_the_service_manager(child: pexpect.spawn) -> None:
     child.kill(signal.SIGTERM)
-    child.expect(pexpect.EOF, timeout=20)
-    screen.received += child.before
+    child.expect(pexpect.EOF, timeout=20)  # what it reads meanwhile goes to the Screen too (its logfile_read)
     child.wait()
 
 
@@ -145,7 +144,7 @@ def test_the_real_chat_in_a_linux_console(chat_model, tmp_path):
             screen.wait_for(lambda lines: "Assistant:" in "\n".join(lines) and
                             answer_rows(lines) not in ([], ["Thinking..."]), "the first words")
             first_words_after = time.monotonic() - asked_at
-            lines = screen.wait_for(lambda lines: "tok/s" in lines[-2], "the whole answer", 120)
+            lines = screen.wait_for(lambda lines: "tok/s" in lines[-2], "the whole answer", 300)
             answer = " ".join(answer_rows(lines))
 
             for key in "cz\\q":  # interrupt, suspend, quit (and its core dump): all plain keys in kiosk mode
@@ -155,7 +154,7 @@ def test_the_real_chat_in_a_linux_console(chat_model, tmp_path):
             assert child.isalive()
             child.send("\x1b[[B")  # F2 as the Linux console sends it
             screen.wait_for(lambda lines: lines[-1].strip().startswith("Enter enviar"), "the Spanish interface")
-            stop_like_the_service_manager(child, screen)
+            stop_like_the_service_manager(child)
         finally:
             child.close(force=True)
 
@@ -182,7 +181,7 @@ def test_a_crash_in_kiosk_mode_starts_a_fresh_chat_and_shows_no_traceback(tmp_pa
         lines = screen.wait_for(lambda lines: "Sorry, something went wrong. Let's start again." in "\n".join(lines),
                                 "the fresh chat")
         assert child.isalive() and "my secret question" not in "\n".join(lines)
-        stop_like_the_service_manager(child, screen)
+        stop_like_the_service_manager(child)
     finally:
         child.close(force=True)
 
