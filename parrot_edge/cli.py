@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from parrot_edge import __version__
+from parrot_edge.converters import families
+from parrot_edge.converters.quants import QUANT_CHOICES
 from parrot_edge.errors import ParrotEdgeError
-
-QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
 
 
 def _command(subparsers, name: str, target: str, help: str, description: str | None = None):
@@ -26,11 +26,12 @@ def _command(subparsers, name: str, target: str, help: str, description: str | N
 
 def _add_convert_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", type=Path, help="checkpoint file or directory")
-    parser.add_argument("--family", choices=("hf-llama", "tinyllama", "litgpt"),
+    # Both lists come from the converter's registry, which never imports torch (see converters/families/).
+    parser.add_argument("--family", choices=families.names(),
                         help="checkpoint family (detected from files and keys if omitted)")
     parser.add_argument("--config", dest="model_config",
                         help="architecture: a model_config.yaml / config.json path, or a preset name "
-                             "(tiny_LLaMA_1b, tiny_LLaMA_120M, code_tiny_LLaMA_1b, micro-llama-300M)")
+                             f"({', '.join(families.presets())})")
     parser.add_argument("--tokenizer", type=Path,
                         help="tokenizer.model, tokenizer.json, or a directory holding them "
                              "(default: beside the checkpoint)")
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "convert a PyTorch checkpoint to GGUF (optionally quantised and verified)")
     _add_convert_source_args(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="output .gguf path")
-    p.add_argument("--quant", default="f16", help=f"output type: {', '.join(QUANT_TYPES)} (default f16)")
+    p.add_argument("--quant", default="f16", help=f"output type: {', '.join(QUANT_CHOICES)} (default f16)")
     p.add_argument("--name", help="model name for metadata and manifest (default: from the output file)")
     p.add_argument("--license", help="license to record (e.g. apache-2.0)")
     p.add_argument("--verify", action="store_true", help="compare the GGUF with the checkpoint afterwards")

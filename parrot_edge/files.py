@@ -49,8 +49,8 @@ def temp_file_beside(target: Path, purpose: str, mode: int | None = None) -> Ite
 @contextlib.contextmanager
 def replaced_atomically(target: Path, *, purpose: str = "partial", mode: int | None = READABLE) -> Iterator[Path]:
     """A temporary file beside `target` for the block to write; on success it is synced and renamed over
-    `target`, on any failure removed. `mode` None: the permissions of an ordinary new file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    `target`, on any failure removed. `mode` None: the permissions of an ordinary new file. The folder must
+    exist (a mistyped output path fails instead of growing folders)."""
     with temp_file_beside(target, purpose, mode) as partial:
         yield partial
         with open(partial, "rb+") as written:
@@ -59,7 +59,9 @@ def replaced_atomically(target: Path, *, purpose: str = "partial", mode: int | N
 
 
 def write_atomically(target: Path, data: bytes) -> None:
-    """Write a small file (readable by all) so a crash leaves either the old content or the new."""
+    """Write a small file (readable by all, its folder made if need be) so a crash leaves either the old
+    content or the new."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(target) as partial:
         partial.write_bytes(data)
 

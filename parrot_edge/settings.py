@@ -66,6 +66,17 @@ class Settings(BaseSettings):
     shelf_mb: int = Field(64, ge=0, description="RAM (MB) for conversations put aside when their slot is reused.")
     request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take, queueing included.")
     default_max_tokens: int = Field(512, ge=1)
+    # -- what one client may ask (see the README's "Safe by default")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; larger ones get 413.")
+    max_messages: int = Field(256, ge=1, description="Messages in one chat request, at most.")
+    max_prompt_chars: int = Field(131072, ge=1, description="Characters of all messages (or the prompt) together.")
+    max_requests_per_client: int = Field(4, ge=0, description="Requests of one client (its address) at once, "
+                                                                "queued or answering; beyond: 429. 0: no limit.")
+    allowed_hosts: list[str] = Field(default_factory=list,
+                                     description="Host header values accepted (DNS rebinding); default: the "
+                                                 "loopback names and the bound address, any when bound to all.")
+    stall_seconds: float = Field(60.0, gt=0, description="A worker with work but no progress this long is stuck: "
+                                                         "/health says 503 and the watchdog stops pinging.")
 
     # -- kiosk
     url: str = "http://127.0.0.1:8080"
@@ -76,7 +87,7 @@ class Settings(BaseSettings):
     system_prompt_en: str | None = None
     system_prompt_es: str | None = None
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value

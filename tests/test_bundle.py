@@ -44,8 +44,16 @@ pytestmark = [
 ]
 
 
-def run(*command: str | Path, **options) -> subprocess.CompletedProcess:
-    return subprocess.run([str(part) for part in command], capture_output=True, text=True, **options)
+# What a school computer's processes see: this machine's environment without what only this machine needs.
+# Here OPENBLAS_CORETYPE names this CPU (Haswell), and an emulated older processor that inherited it would
+# have NumPy pick kernels it cannot run ("illegal instruction" at `import numpy`).
+SCHOOL_ENV = {key: value for key, value in os.environ.items() if not key.startswith("OPENBLAS_")}
+
+
+def run(*command: str | Path, env: dict[str, str] | None = None, **options) -> subprocess.CompletedProcess:
+    """Run a command as on the school computer (SCHOOL_ENV), unless given another environment."""
+    return subprocess.run([str(part) for part in command], capture_output=True, text=True,
+                          env=SCHOOL_ENV if env is None else env, **options)
 
 
 def offline(*command: str | Path, **options) -> subprocess.CompletedProcess:

@@ -1,84 +1,58 @@
 """The HTTP API: OpenAI-compatible routes over the engine, plus /health and /metrics.
 
 The model loads in the background so /health can answer 503 "loading" at once; everything else waits
-for it. Every error is an OpenAI-style `{"error": {...}}` body with a 4xx/5xx status that says what to do.
+for it. A request passes the guards (Host, size, key: guards.py), is validated (schemas.py), becomes
+prompt tokens off the event loop (prompt.py) and runs through the engine (generate.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import JSONResponse, Response
 
 from parrot_edge import __version__
-from parrot_edge.api.chat_template import DEFAULT_CHAT_TEMPLATE, DEFAULT_STOP, TemplateError, render_chat
+from parrot_edge.api import watchdog
+from parrot_edge.api.chat_template import DEFAULT_CHAT_TEMPLATE, DEFAULT_STOP, TemplateError
+from parrot_edge.api.errors import ApiError, install_handlers
+from parrot_edge.api.fairness import ClientLimit
+from parrot_edge.api.generate import Job, generate
+from parrot_edge.api.guards import Guard, allowed_host_names
 from parrot_edge.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from parrot_edge.api.metrics import Metrics
+from parrot_edge.api.prompt import PromptBuilder, PromptRefused
 from parrot_edge.api.schemas import ChatCompletionBody, CompletionBody
-from parrot_edge.engine.requests import Finished, PromptTooLong, QueueFull
-from parrot_edge.engine.requests import Request as EngineRequest
 from parrot_edge.engine.scheduler import Engine
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.settings import Settings
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None, **extra):
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.body = {"error": {"message": message, "type": type, "code": code, "param": param, **extra}}
-
-
-class RequireApiKey:
-    """Every route but /health needs `Authorization: Bearer <key>`. Plain ASGI, so streamed answers pass
-    through untouched (Starlette's `@app.middleware` would copy every chunk through an extra task)."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.api_key = api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health" and scope["method"] != "OPTIONS":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                response = _error_response(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
-                                                    "<key>'", type="authentication_error", code="invalid_api_key"))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
-
-
 class Runtime:
-    """What the routes share: the engine once loaded, or why it is not there."""
+    """What the routes share: the engine once loaded (or why it is not there), metrics, the client limit."""
 
     def __init__(self, settings: Settings, load_engine: Callable[[], Engine]):
         self.settings = settings
         self.engine: Engine | None = None
+        self.prompts: PromptBuilder | None = None
         self.load_error: str | None = None
         self.metrics = Metrics(lambda: self.engine.state() if self.engine else None)
+        self.clients = ClientLimit(settings.max_requests_per_client)
         self.started = time.time()
+        self.on_loaded: Callable[[], None] = lambda: None
         self._load_engine = load_engine
 
     def start_loading(self) -> None:
         def load():
             try:
-                self.engine = self._load_engine()
+                engine = self._load_engine()
+                self.prompts = PromptBuilder(engine)
+                self.engine = engine
+                self.on_loaded()
             except ParrotEdgeError as exc:
                 self.load_error = str(exc)
             except Exception as exc:  # surfaced through /health, never a silent hang
@@ -94,19 +68,30 @@ class Runtime:
         raise ApiError(503, "the model is still loading; retry shortly", type="server_error", code="loading",
                        headers={"Retry-After": "2"})
 
-    def check_model(self, engine: Engine, requested: str) -> None:
-        if requested not in (engine.info.name, engine.info.path.name):
-            raise ApiError(404, f"model '{requested}' is not served here; this server serves '{engine.info.name}'",
-                           code="model_not_found", param="model")
+    def health(self) -> tuple[int, dict]:
+        """(status, body) of /health: 503 while loading, when loading failed, or when the worker is stuck."""
+        if self.engine is None:
+            return 503, {"status": "error" if self.load_error else "loading", "error": self.load_error}
+        state = self.engine.state()
+        stuck = not state.worker_alive or state.stalled_seconds > self.settings.stall_seconds
+        body = {"status": "stuck" if stuck else "ok", "model": self.engine.info.name,
+                "slots": {"total": state.slots_total, "busy": state.slots_busy, "context_per_slot": state.ctx_per_slot},
+                "queue": {"depth": state.queue_depth, "size": state.queue_size},
+                "worker": {"alive": state.worker_alive, "stalled_seconds": round(state.stalled_seconds, 1)}}
+        return (503 if stuck else 200), body
 
 
 def create_app(settings: Settings, load_engine: Callable[[], Engine]) -> FastAPI:
     runtime = Runtime(settings, load_engine)
-    api_key = settings.resolved_api_key()
 
     async def lifespan(app: FastAPI):
+        runtime.on_loaded = lambda: watchdog.notify("READY=1")
         runtime.start_loading()
+        interval = watchdog.ping_interval()
+        pinger = asyncio.create_task(watchdog.keep_alive(runtime, interval)) if interval else None
         yield
+        if pinger is not None:
+            pinger.cancel()
         if runtime.engine is not None:
             runtime.engine.close()
 
@@ -115,40 +100,20 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine]) -> FastAPI
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Guard, allowed_hosts=allowed_host_names(settings.allowed_hosts, settings.host),
+                       max_body=settings.max_request_bytes, api_key=settings.resolved_api_key())
+    install_handlers(app)
+    _routes(app, runtime)
+    return app
 
-    if api_key:
-        app.add_middleware(RequireApiKey, api_key=api_key)
 
-    @app.exception_handler(ApiError)
-    async def on_api_error(_request: Request, exc: ApiError):
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        if any(error["type"] == "json_invalid" for error in errors):
-            detail = next(error for error in errors if error["type"] == "json_invalid").get("ctx", {}).get("error", "")
-            return _error_response(ApiError(400, f"the request body is not valid JSON ({detail})", code="invalid_json"))
-        problems = []
-        for error in errors:
-            where = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
-            problems.append(f"{where}: {error['msg']}")
-        param = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else None
-        return _error_response(ApiError(400, "invalid request: " + "; ".join(problems), param=param or None))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_request: Request, exc: StarletteHTTPException):
-        return _error_response(ApiError(exc.status_code, str(exc.detail), code=None))
+def _routes(app: FastAPI, runtime: Runtime) -> None:
+    settings = runtime.settings
 
     @app.get("/health")
     async def health():
-        if runtime.engine is None:
-            status = "error" if runtime.load_error else "loading"
-            return JSONResponse({"status": status, "error": runtime.load_error}, status_code=503)
-        state = runtime.engine.state()
-        return {"status": "ok", "model": runtime.engine.info.name,
-                "slots": {"total": state.slots_total, "busy": state.slots_busy, "context_per_slot": state.ctx_per_slot},
-                "queue": {"depth": state.queue_depth, "size": state.queue_size}}
+        status, body = runtime.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics():
@@ -166,162 +131,55 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine]) -> FastAPI
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody, request: Request):
-        engine = runtime.ready_engine()
-        runtime.check_model(engine, body.model)
-        info = engine.info
+        engine = _engine_for(runtime, body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        try:
-            prompt_text = render_chat(info.chat_template, messages, bos_token=info.bos_text, eos_token=info.eos_text)
-        except TemplateError as exc:
-            raise ApiError(400, str(exc), param="messages") from None
-        tokens = engine.tokenize(prompt_text, add_special=False, parse_special=True)
-        if info.add_bos and info.bos_id >= 0 and (not tokens or tokens[0] != info.bos_id):
-            tokens.insert(0, info.bos_id)
-        stop = body.stop_strings()
-        if info.chat_template in (None, DEFAULT_CHAT_TEMPLATE):
-            stop += DEFAULT_STOP
-        return await _generate(runtime, engine, request, body, tokens, stop, chat=True)
+        if len(messages) > settings.max_messages:
+            raise ApiError(400, f"{len(messages)} messages; at most {settings.max_messages}", param="messages",
+                           code="too_many_messages")
+        _check_length(sum(len(m["content"]) for m in messages), settings, "messages")
+        template = engine.info.chat_template
+        tokens = await _off_loop(runtime.prompts.chat, template, messages)
+        stop = body.stop_strings() + (DEFAULT_STOP if template in (None, DEFAULT_CHAT_TEMPLATE) else ())
+        return await generate(runtime, engine, request, _job(engine, body, tokens, stop, settings, chat=True))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        engine = runtime.ready_engine()
-        runtime.check_model(engine, body.model)
-        tokens = engine.tokenize(body.prompt, add_special=True, parse_special=True)
-        return await _generate(runtime, engine, request, body, tokens, body.stop_strings(), chat=False)
-
-    return app
-
-
-def _timings(finished: Finished) -> dict:
-    evaluated = finished.prompt_tokens - finished.cached_tokens
-    return {"prompt_n": evaluated, "cache_n": finished.cached_tokens, "prompt_ms": round(finished.prompt_ms, 2),
-            "queued_ms": round(finished.queued_ms, 2),
-            "predicted_n": finished.completion_tokens, "predicted_ms": round(finished.decode_ms, 2),
-            "predicted_per_second": round(finished.decode_tokens_per_second, 2)}
+        engine = _engine_for(runtime, body.model)
+        _check_length(len(body.prompt), settings, "prompt")
+        tokens = await _off_loop(runtime.prompts.completion, body.prompt)
+        return await generate(runtime, engine, request,
+                              _job(engine, body, tokens, body.stop_strings(), settings, chat=False))
 
 
-def _usage(finished: Finished) -> dict:
-    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": finished.cached_tokens}}
+def _engine_for(runtime: Runtime, requested: str) -> Engine:
+    engine = runtime.ready_engine()
+    if requested not in (engine.info.name, engine.info.path.name):
+        raise ApiError(404, f"model '{requested}' is not served here; this server serves '{engine.info.name}'",
+                       code="model_not_found", param="model")
+    return engine
 
 
-def _finish_reason(finished: Finished) -> str:
-    return "length" if finished.reason in ("length", "timeout") else "stop"
+def _check_length(characters: int, settings: Settings, param: str) -> None:
+    if characters > settings.max_prompt_chars:
+        raise ApiError(400, f"{characters:,} characters of text; this server takes at most "
+                            f"{settings.max_prompt_chars:,} in one request", param=param, code="prompt_too_large")
 
 
-async def _watch_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _generate(runtime: Runtime, engine: Engine, request: Request, body, tokens: list[int],
-                    stop: tuple[str, ...], *, chat: bool):
-    endpoint = "chat" if chat else "completions"
-    settings = runtime.settings
-    max_tokens = body.max_tokens or settings.default_max_tokens
-    engine_request = EngineRequest(prompt=tokens, sampling=body.sampling(), max_tokens=max_tokens, stop=stop,
-                                   deadline=time.monotonic() + settings.request_timeout)
+async def _off_loop(build, *args) -> list[int]:
+    """Render and tokenise in a worker thread: a long conversation must not pause everyone's stream."""
     try:
-        generation = engine.submit(engine_request)
-    except PromptTooLong as exc:
-        runtime.metrics.record_request(endpoint, "prompt_too_long")
-        raise ApiError(400, str(exc), code="context_length_exceeded", param="messages" if chat else "prompt",
-                       prompt_tokens=exc.prompt_tokens, context_limit=exc.limit) from None
-    except QueueFull as exc:
-        runtime.metrics.record_request(endpoint, "queue_full")
-        raise ApiError(503, str(exc), type="server_error", code="queue_full",
-                       headers={"Retry-After": str(exc.retry_after)}) from None
+        return await asyncio.to_thread(build, *args)
+    except (TemplateError, PromptRefused) as exc:
+        raise ApiError(400, str(exc), param="messages") from None
 
-    completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
-    model = engine.info.name
 
-    def record(finished: Finished) -> None:
-        outcome = {"stop": "ok", "length": "ok"}.get(finished.reason, finished.reason)
-        runtime.metrics.record_request(endpoint, outcome)
-        runtime.metrics.record_generation(finished)
-
-    if body.stream:
-        stream = _stream(engine, generation, body, completion_id, created, model, chat, record,
-                         on_disconnect=lambda: runtime.metrics.record_request(endpoint, "disconnected"))
-        return StreamingResponse(stream,
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    watcher = asyncio.ensure_future(_watch_disconnect(request))
-    parts: list[str] = []
+def _job(engine: Engine, body, tokens: list[int], stop: tuple[str, ...], settings: Settings, *, chat: bool) -> Job:
     try:
-        while True:
-            getter = asyncio.ensure_future(generation.events.get())
-            done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                engine.cancel(generation)  # the client left: free the slot within a token
-                runtime.metrics.record_request(endpoint, "disconnected")
-                return JSONResponse({}, status_code=499)
-            event = getter.result()
-            if isinstance(event, Finished):
-                break
-            parts.append(event.text)
-    finally:
-        watcher.cancel()
-    finished = event
-    record(finished)
-    _raise_for_failure(finished)
-    text = "".join(parts)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-               "finish_reason": _finish_reason(finished)} if chat else
-              {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(finished)})
-    return {"id": completion_id, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice], "usage": _usage(finished), "timings": _timings(finished)}
-
-
-def _raise_for_failure(finished: Finished) -> None:
-    if finished.reason == "error":
-        raise ApiError(500, f"generation failed: {finished.error}", type="server_error", code="generation_failed")
-    if finished.reason == "timeout" and finished.completion_tokens == 0:
-        raise ApiError(503, "timed out waiting for a free slot; retry shortly", type="server_error",
-                       code="timeout", headers={"Retry-After": "5"})
-
-
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-async def _stream(engine: Engine, generation, body, completion_id: str, created: int, model: str, chat: bool,
-                  record, on_disconnect) -> AsyncIterator[str]:
-    envelope = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created, "model": model}
-
-    def chunk(text: str | None, finish_reason: str | None = None, **extra) -> str:
-        if chat:
-            choice = {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return _sse({**envelope, "choices": [choice], **extra})
-
-    finished = None
-    try:
-        if chat:
-            yield _sse({**envelope, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
-        while not isinstance(event := await generation.events.get(), Finished):
-            if event.text:
-                yield chunk(event.text)
-        finished = event
-        record(finished)
-        if finished.reason == "error":
-            yield _sse({"error": {"message": f"generation failed: {finished.error}", "type": "server_error"}})
-        else:
-            yield chunk(None, _finish_reason(finished), timings=_timings(finished))
-            if body.include_usage:
-                yield _sse({**envelope, "choices": [], "usage": _usage(finished)})
-        yield _sse("[DONE]")
-    finally:
-        if finished is None:  # the client went away mid-stream: stop generating for it now
-            engine.cancel(generation)
-            on_disconnect()
+        sampling = body.sampling(engine.info.n_vocab)
+        if sampling.grammar is not None:
+            engine.check_grammar(sampling.grammar)
+    except (ValueError, ParrotEdgeError) as exc:
+        raise ApiError(400, str(exc), param="logit_bias" if "logit_bias" in str(exc) else "response_format") from None
+    return Job(tokens=tokens, sampling=sampling, max_tokens=body.max_tokens or settings.default_max_tokens,
+               stop=stop, stream=body.stream, include_usage=body.include_usage, chat=chat)

@@ -63,3 +63,5 @@ def render_chat(template: str | None, messages: list[dict[str, Any]], *, bos_tok
         raise
     except JinjaError as exc:
         raise TemplateError(f"chat template failed: {exc}") from None
+    except RecursionError:
+        raise TemplateError("chat template failed: it recursed without end") from None

@@ -110,6 +110,15 @@ class LlamaContext:
             n = self.lib.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
         return self._piece.raw[:max(n, 0)]
 
+    def control_token_texts(self) -> list[str]:
+        """The text of every control (and unknown) token: what llama.cpp turns into such a token when it parses
+        special tokens (llama-vocab.cpp, tokenizer_st_partition). Read once per model, ~50 ms per 50k tokens."""
+        lib, marks = self.lib, self.lib.LLAMA_TOKEN_ATTR_CONTROL | self.lib.LLAMA_TOKEN_ATTR_UNKNOWN
+        texts = (ctypes.string_at(lib.llama_vocab_get_text(self.vocab, token)).decode("utf-8", errors="replace")
+                 for token in range(lib.llama_vocab_n_tokens(self.vocab))
+                 if lib.llama_vocab_get_attr(self.vocab, token) & marks)
+        return [text for text in texts if text]
+
     def ends_generation(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 

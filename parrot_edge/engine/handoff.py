@@ -18,13 +18,14 @@ class Outbox:
     """The worker's events of one step, delivered together (one wake-up per event loop)."""
 
     def __init__(self):
-        self._events: list[tuple[Generation, Delta | Finished]] = []
+        self._events: list[tuple[Generation, Delta | Finished | None]] = []
 
-    def post(self, generation: Generation, event: Delta | Finished) -> None:
+    def post(self, generation: Generation, event: Delta | Finished | None) -> None:
+        """Queue an event for the generation's reader; None: it has left the queue (sets `admitted_event`)."""
         self._events.append((generation, event))
 
     def deliver(self) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Delta | Finished]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Delta | Finished | None]]] = {}
         for generation, event in self._events:
             by_loop.setdefault(generation.loop, []).append((generation, event))
         streams = len({generation for generation, _ in self._events})
@@ -39,8 +40,11 @@ class Outbox:
             handled.wait(HANDOFF_WAIT)
 
 
-def _put_all(events: list[tuple[Generation, Delta | Finished]], handled: threading.Event) -> None:
+def _put_all(events: list[tuple[Generation, Delta | Finished | None]], handled: threading.Event) -> None:
     for generation, event in events:
-        generation.events.put_nowait(event)
+        if event is None:
+            generation.admitted_event.set()
+        else:
+            generation.events.put_nowait(event)
     # Queued after the readers these events wake: runs once they have sent their chunks.
     asyncio.get_running_loop().call_soon(handled.set)

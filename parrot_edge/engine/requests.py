@@ -33,6 +33,7 @@ class Request:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     deadline: float = float("inf")  # time.monotonic() by which the request must be finished
+    client: str = ""  # who asks (see parrot_edge.api.fairness): cache hits are reported only on its own cache
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Finished:
     reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int  # prompt tokens not evaluated: kept in the slot, unshelved or borrowed
+    cached_tokens: int  # prompt tokens not evaluated that came from this client's own conversations
+    reused_tokens: int  # prompt tokens not evaluated, whoever's cache they came from (for /metrics only)
     queued_ms: float
     prompt_ms: float  # admission → first token
     decode_ms: float  # first token → end
@@ -75,8 +77,17 @@ class Generation:
         self.admitted = 0.0
         self.first_token = 0.0
         self.completion_tokens = 0
-        self.cached_tokens = 0
+        self.reused_tokens = 0  # prompt tokens taken from a cache instead of evaluated
+        self.reused_own = True  # ... and that cache held this client's own conversation
         self.text_stream = TextStream(request.stop)
+        self.admitted_event = asyncio.Event()  # set (on the asyncio side) once it has left the queue: admitted
+        # (then `admitted` is its time) or ended there (then its Finished is in `events`)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Cache hits as the client is told of them: only those on its own conversations, so that nobody can
+        learn from a fast answer's figures what another student's conversation holds."""
+        return self.reused_tokens if self.reused_own else 0
 
     def outcome(self, reason: str, error: str | None = None) -> Finished:
         """The Finished event that ends this generation now, with its figures."""
@@ -85,6 +96,7 @@ class Generation:
         admitted = self.admitted or now
         return Finished(reason=reason, prompt_tokens=len(self.request.prompt),
                         completion_tokens=self.completion_tokens, cached_tokens=self.cached_tokens,
+                        reused_tokens=self.reused_tokens,
                         queued_ms=(admitted - self.submitted) * 1000, prompt_ms=(first - admitted) * 1000,
                         decode_ms=(now - first) * 1000 if self.first_token else 0.0, error=error)
 
@@ -96,6 +108,7 @@ class EngineStats:
     steps: int = 0  # llama_decode calls
     batch_tokens: int = 0  # rows decoded
     decode_errors: int = 0
+    isolated_steps: int = 0  # steps of one sequence alone, after a failed step, to find which one failed
     reevaluated_tokens: int = 0  # cached tokens evaluated again, to the same values (exactness, joined runs)
     bridges: int = 0  # of those, idle slots that joined runs of working sequences
     guessed_rows: int = 0  # companion rows that were a guess of the next token
@@ -116,3 +129,5 @@ class EngineState:
     ctx_per_slot: int
     stats: EngineStats
     batch_sizes: dict[int, int]  # rows per llama_decode call → how many calls
+    worker_alive: bool
+    stalled_seconds: float  # while there is work: time since the worker last made progress (else 0)

@@ -28,9 +28,11 @@ class Reuse:
         # Longest shared prefix first; among equals, the least recently used, to keep other caches warm.
         return max(free, key=lambda slot: (common_prefix(slot.sequence.tokens, prompt), -slot.last_used))
 
-    def prepare(self, slot: Slot, prompt: list[int]) -> int:
-        """Fill a free slot with the best cache for `prompt` (its own, or the shelf's) and set what remains to
-        evaluate; the number of prompt tokens reused."""
+    def prepare(self, slot: Slot) -> None:
+        """Fill a newly assigned slot with the best cache for its prompt (its own, or the shelf's), set what
+        remains to evaluate, and note on the generation how much was reused and from whose conversation."""
+        generation = slot.generation
+        prompt = generation.request.prompt
         sequence = slot.sequence
         shared = common_prefix(sequence.tokens, prompt)
         if len(sequence.tokens) > max(shared, SHELVE_MIN_TOKENS):
@@ -41,7 +43,9 @@ class Reuse:
         # Keep the shared prefix, but evaluate at least the last token: its logits start the answer.
         sequence.keep(min(common_prefix(sequence.tokens, prompt), len(prompt) - 1))
         slot.pending = prompt[len(sequence.tokens):]
-        return len(sequence.tokens)
+        generation.reused_tokens = len(sequence.tokens)
+        generation.reused_own = sequence.owner == generation.request.client
+        sequence.owner = generation.request.client
 
     def _shelve(self, slot: Slot) -> None:
         state = slot.sequence.save(self.shelf.max_bytes)
@@ -78,15 +82,18 @@ class Reuse:
         state = lender.sequence.save()
         if state is None:
             return
+        generation = slot.generation
         if slot.sequence.restore(state):
             slot.sequence.keep(held)
+        slot.sequence.owner = generation.request.client  # what it evaluates from here on is this client's
         if len(slot.sequence.tokens) != held:  # the copy or the cut failed: read the prompt from the start
             slot.sequence.forget()
             slot.pending = list(prompt)
-            slot.generation.cached_tokens = 0
+            generation.reused_tokens = 0
             return
         slot.pending = prompt[held:]
-        slot.generation.cached_tokens = held
+        generation.reused_tokens = held
+        generation.reused_own = state.owner == generation.request.client
         self.stats.borrowed_tokens += held
 
 

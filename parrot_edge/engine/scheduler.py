@@ -39,7 +39,7 @@ from parrot_edge.engine.requests import (
     Request,
 )
 from parrot_edge.engine.reuse import Reuse
-from parrot_edge.engine.sampling import build_chain
+from parrot_edge.engine.sampling import build_chain, grammar_sampler
 from parrot_edge.engine.sequence import Sequence
 from parrot_edge.engine.shelf import Shelf
 from parrot_edge.engine.slot import Slot
@@ -59,6 +59,7 @@ class Engine:
         self.context = LlamaContext(model_path, slots=slots, ctx_per_slot=ctx_per_slot,
                                     prefill_chunk=prefill_chunk, threads=threads)
         self.info = self.context.facts(name, model_path)
+        self.control_texts = self.context.control_token_texts()  # what message text must never become
         self.slots_total = slots
         self.ctx_per_slot = self.context.ctx_per_slot
         self.prefill_chunk = prefill_chunk
@@ -75,6 +76,8 @@ class Engine:
         self._wake = threading.Condition()
         self._running = True
         self._service_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
+        self._heartbeat = time.monotonic()  # when the worker last made progress (liveness, see state())
+        self._suspects: set[int] = set()  # sequences of a failed step, not yet tried alone
         self._thread = threading.Thread(target=self._run, name="parrot-edge-engine", daemon=True)
         self._thread.start()
 
@@ -82,6 +85,10 @@ class Engine:
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         return self.context.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise a ParrotEdgeError if llama.cpp cannot parse this GBNF grammar (safe from any thread)."""
+        self.context.lib.llama_sampler_free(grammar_sampler(self.context.lib, self.context.vocab, grammar))
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Generation:
         """Queue a request; raises PromptTooLong or QueueFull instead of accepting what cannot be served."""
@@ -111,13 +118,20 @@ class Engine:
             generation.cancelled = True
             if generation in self._waiting:
                 self._waiting.remove(generation)
+                generation.admitted_event.set()  # it has left the queue (this runs on the asyncio side)
                 generation.events.put_nowait(generation.outcome("cancelled"))
 
     def state(self) -> EngineState:
-        with self._wake:
+        locked = self._wake.acquire(timeout=1.0)  # a worker wedged while holding the lock must not wedge /health
+        try:
             busy = sum(1 for slot in self._slots if slot.generation is not None)
+            since = time.monotonic() - self._heartbeat
+            stalled = (since if busy or self._waiting else 0.0) if locked else max(since, 1.0)
             return EngineState(self.slots_total, busy, len(self._waiting), self.queue_size, self.ctx_per_slot,
-                               self.stats, dict(self.batch_sizes))
+                               self.stats, dict(self.batch_sizes), self._thread.is_alive(), stalled)
+        finally:
+            if locked:
+                self._wake.release()
 
     def slot_kv_state(self) -> list[tuple[int, int]]:
         """(tokens the slot believes it holds, positions llama.cpp holds) per slot: for the tests, which check
@@ -138,10 +152,12 @@ class Engine:
 
     def _run(self) -> None:
         while True:
+            self._heartbeat = time.monotonic()
             with self._wake:
                 if not any(slot.generation is not None for slot in self._slots):
                     while self._running and not self._waiting:
                         self._wake.wait()
+                    self._heartbeat = time.monotonic()
                     self._gather_burst()
                 if not self._running:
                     break
@@ -155,6 +171,7 @@ class Engine:
                         self._end(slot, "error", error=str(exc), keep_cache=False)
             self._outbox.deliver()
         for generation in self._waiting:
+            self._outbox.post(generation, None)
             self._outbox.post(generation, generation.outcome("error", error="server shutting down"))
         self._waiting.clear()
         for slot in self._slots:
@@ -177,6 +194,7 @@ class Engine:
         now = time.monotonic()
         for generation in [g for g in self._waiting if now > g.request.deadline]:
             self._waiting.remove(generation)
+            self._outbox.post(generation, None)
             self._outbox.post(generation, generation.outcome("timeout"))
         while self._waiting:
             free = [slot for slot in self._slots if slot.generation is None]
@@ -193,14 +211,12 @@ class Engine:
 
     def _assign(self, slot: Slot, generation: Generation, now: float) -> None:
         request = generation.request
-        generation.cached_tokens = self._reuse.prepare(slot, request.prompt)
         generation.admitted = now
         slot.generation = generation
+        self._reuse.prepare(slot)
         self._reuse.find_lender(slot)
-        slot.sampler = build_chain(self.context.lib, self.context.vocab, request.sampling)
-        if request.sampling.has_penalties:
-            for token in request.prompt:  # penalties look at the conversation so far, as llama.cpp's server does
-                self.context.lib.llama_sampler_accept(slot.sampler, token)
+        slot.sampler = build_chain(self.context.lib, self.context.vocab, request.sampling, request.prompt)
+        self._outbox.post(generation, None)  # it has left the queue
 
     def _step(self) -> None:
         self._end_or_borrow()
@@ -209,7 +225,8 @@ class Engine:
             return
         guesses = self._shaper.shape(work)
         rows = self._fill_batch(work, guesses)
-        if self._decode(work):
+        if self._decode(work, guesses):
+            self._suspects.difference_update(work)
             self._sample(rows, guesses)
 
     def _end_or_borrow(self) -> None:
@@ -229,6 +246,13 @@ class Engine:
     def _select_work(self) -> Work:
         """Every answering student's next token, then prompt pieces, oldest prompt first, within the chunk."""
         work: Work = {}
+        if self._suspects:  # after a failed step, its sequences go one at a time until the culprit is found
+            slot = self._slots[min(self._suspects)]
+            self.stats.isolated_steps += 1
+            piece = slot.pending if slot.answering else slot.pending[:min(self.prefill_chunk, SEQ_ROWS - 1)]
+            work[slot.seq_id] = list(piece)
+            del slot.pending[:len(piece)]
+            return work
         for slot in self._slots:
             if slot.answering and slot.pending:
                 work[slot.seq_id] = slot.pending
@@ -260,8 +284,9 @@ class Engine:
                 rows.append((slot, first))
         return rows
 
-    def _decode(self, work: Work) -> bool:
-        """One llama_decode; on failure only the sequences in this batch are ended (their cells are in doubt)."""
+    def _decode(self, work: Work, guesses: dict[int, int]) -> bool:
+        """One llama_decode. A failed step is undone; its sequences are tried again one by one (see
+        _select_work), and only one that fails alone is ended."""
         rows = self.context.batch.rows
         result = self.context.decode()
         self.stats.steps += 1
@@ -271,12 +296,20 @@ class Engine:
             return True
         self.stats.decode_errors += 1
         message = f"llama_decode returned {result}: {llamacpp.recent_log() or 'no reason given'}"
-        for seq_id in work:
+        log.warning("engine step of %d sequences failed: %s", len(work), message)
+        alone = sum(self._slots[seq_id].generation is not None for seq_id in work) == 1
+        for seq_id, tokens in work.items():
             slot = self._slots[seq_id]
             if slot.generation is None:
                 slot.sequence.forget()  # an idle neighbour that bridged
-            else:
+            elif alone:
+                self._suspects.discard(seq_id)
                 self._end(slot, "error", error=message, keep_cache=False)
+            else:  # undo the step for it: back to the cells before it, the same tokens to evaluate again
+                evaluated = tokens[:-1] if seq_id in guesses else tokens
+                slot.sequence.keep(len(slot.sequence.tokens) - len(tokens))
+                slot.pending[:0] = evaluated
+                self._suspects.add(seq_id)
         return False
 
     def _sample(self, rows: list[tuple[Slot, int]], guesses: dict[int, int]) -> None:
@@ -333,6 +366,7 @@ class Engine:
         slot.pending.clear()
         slot.lender = None
         slot.generation = None
+        self._suspects.discard(slot.seq_id)
         slot.last_used = time.monotonic()
         self._release_sampler(slot)
         in_slot = slot.last_used - generation.admitted

@@ -17,6 +17,7 @@ class SavedState:
 
     tokens: list[int]
     data: ctypes.Array
+    owner: str  # the client whose conversation it is
 
     @property
     def nbytes(self) -> int:
@@ -28,6 +29,7 @@ class Sequence:
         self._llama, self._ctx, self._memory = llama, ctx, memory
         self.seq_id = seq_id
         self._tokens: list[int] = []
+        self.owner = ""  # the client whose conversation the cells hold (set by whoever fills them)
 
     @property
     def tokens(self) -> list[int]:
@@ -68,7 +70,7 @@ class Sequence:
         data = (ctypes.c_uint8 * size)()
         if self._llama.llama_state_seq_get_data(self._ctx, data, size, self.seq_id) != size:
             return None
-        return SavedState(list(self._tokens), data)
+        return SavedState(list(self._tokens), data, self.owner)
 
     def restore(self, state: SavedState) -> bool:
         """Replace the cells with a saved state (of any sequence); False leaves the sequence empty."""
@@ -77,6 +79,7 @@ class Sequence:
             self.forget()
             return False
         self._tokens[:] = state.tokens
+        self.owner = state.owner
         return True
 
     def cells(self) -> int:

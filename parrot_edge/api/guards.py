@@ -1,0 +1,86 @@
+"""What a request must pass before any route sees it: its Host, its size, its API key. Plain ASGI, so
+streamed answers pass through untouched (Starlette's `@app.middleware` would copy every chunk through an
+extra task), and a refusal costs nothing of what the refused client sent.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from parrot_edge.api.errors import ApiError, error_response
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "*")
+
+
+def allowed_host_names(configured: list[str], bound_host: str) -> set[str] | None:
+    """The Host header names to accept; None: any. A web page in a student's browser could otherwise reach the
+    keyless loopback API under a name of its own that resolves to 127.0.0.1 (DNS rebinding)."""
+    if configured:
+        return None if "*" in configured else {name.lower() for name in configured}
+    if bound_host in WILDCARD_HOSTS:
+        return None  # bound to every address: only with an API key, which a rebinding page does not have
+    return {*LOOPBACK_NAMES, bound_host.lower()}
+
+
+def _host_name(host_header: bytes) -> str:
+    host = host_header.decode("latin-1").strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Guard:
+    """Host check, body size limit and API key, in that order (the key is checked last: a refused Host or size
+    tells nothing about keys)."""
+
+    def __init__(self, app, *, allowed_hosts: set[str] | None, max_body: int, api_key: str | None):
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+        self.max_body = max_body
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        refusal = self._refusal(scope, headers)
+        if refusal is None and b"content-length" not in headers and scope["method"] in ("POST", "PUT", "PATCH"):
+            receive, refusal = await self._bounded_body(receive)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope, headers: dict[bytes, bytes]) -> ApiError | None:
+        if self.allowed_hosts is not None and _host_name(headers.get(b"host", b"")) not in self.allowed_hosts:
+            return ApiError(400, "this server does not answer to that Host name; use http://127.0.0.1 or a name "
+                                 "in its allowed_hosts setting", code="invalid_host")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return ApiError(413, f"the request body is larger than this server accepts ({self.max_body:,} bytes)",
+                            code="request_too_large")
+        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                type="authentication_error", code="invalid_api_key")
+        return None
+
+    async def _bounded_body(self, receive):
+        """A chunked body, read here up to the limit and handed on; (receive for the app, or a refusal)."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return receive, ApiError(413, f"the request body is larger than this server accepts "
+                                              f"({self.max_body:,} bytes)", code="request_too_large")
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+        return replay, None
