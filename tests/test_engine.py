@@ -451,3 +451,65 @@ def test_llama_threads_default_to_the_cpus_this_process_may_use():
     params = context_params(llamacpp.lib(), slots=2, ctx_per_slot=256, prefill_chunk=64)
     assert params.n_threads == params.n_threads_batch == len(os.sched_getaffinity(0))
     assert context_params(llamacpp.lib(), slots=2, ctx_per_slot=256, prefill_chunk=64, threads=1).n_threads == 1
+
+
+def test_a_request_that_times_out_in_the_queue_leaves_it_with_nothing_generated(default_gguf):
+    """What the API answers 503 for: the engine says the request left the queue and was never admitted."""
+    small = Engine(default_gguf, name="small", slots=1, ctx_per_slot=512)
+    try:
+        async def scenario():
+            holder = small.submit(ask(small, "Tell a long story.", max_tokens=400))
+            await holder.admitted_event.wait()
+            queued = small.submit(Request(prompt=holder.request.prompt, max_tokens=4,
+                                          deadline=time.monotonic() + 0.2))
+            await asyncio.wait_for(queued.admitted_event.wait(), 60)  # it leaves the queue by timing out
+            finished = queued.events.get_nowait()
+            small.cancel(holder)
+            while not isinstance(await holder.events.get(), Finished):
+                pass
+            return queued, finished
+
+        queued, finished = asyncio.run(scenario())
+        assert queued.admitted == 0 and finished.reason == "timeout" and finished.completion_tokens == 0
+    finally:
+        small.close()
+
+
+def test_a_failed_step_fails_only_the_request_that_caused_it(engine):
+    """llama_decode refuses a batch holding a token id the model does not have: only that request ends in an
+    error; the others, in the same step, are tried again one by one and answer exactly as alone."""
+    bad = Request(prompt=[1, 2, engine.info.n_vocab + 7], sampling=GREEDY, max_tokens=8)
+
+    async def scenario():
+        alone = [await run(engine, ask(engine, q)) for q in QUESTIONS[:3]]
+        together = await asyncio.gather(run(engine, bad), *(run(engine, ask(engine, q)) for q in QUESTIONS[:3]))
+        return alone, together
+
+    isolated_before = engine.stats.isolated_steps
+    alone, together = asyncio.run(scenario())
+    (_, failed), *others = together
+    assert failed.reason == "error" and "llama_decode" in failed.error
+    assert [text for text, _ in others] == [text for text, _ in alone]
+    assert engine.stats.isolated_steps > isolated_before, "the bad request never shared a step with the others"
+    for believed, held in engine.slot_kv_state():
+        assert believed == held
+
+
+def test_a_wedged_worker_is_reported_stalled(default_gguf):
+    """/health's source: with work waiting and a worker that cannot move (here: its lock held), the engine
+    reports how long it has not made progress, without waiting for that lock itself."""
+    small = Engine(default_gguf, name="small", slots=1, ctx_per_slot=256)
+    try:
+        assert small.state().stalled_seconds == 0 and small.state().worker_alive
+        with small._wake:  # the worker cannot take a request, nor step
+            asyncio.run(_submit_only(small))
+            deadline = time.monotonic() + 60
+            while (state := small.state()).stalled_seconds < 1.0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert state.stalled_seconds >= 1.0 and state.queue_depth == 1
+    finally:
+        small.close()
+
+
+async def _submit_only(engine: Engine) -> None:
+    engine.submit(Request(prompt=engine.tokenize("Hello", add_special=True), max_tokens=2))

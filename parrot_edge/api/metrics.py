@@ -85,7 +85,7 @@ class Metrics:
 
     def record_generation(self, finished: Finished) -> None:
         self.prompt_tokens.inc(finished.prompt_tokens)
-        self.cached_tokens.inc(finished.cached_tokens)
+        self.cached_tokens.inc(finished.reused_tokens)  # all of them: the figure for the operator, not a client
         self.completion_tokens.inc(finished.completion_tokens)
         if finished.completion_tokens:
             self.ttft.observe((finished.queued_ms + finished.prompt_ms) / 1000)

@@ -177,7 +177,9 @@ class Project:
 
     @classmethod
     def find(cls) -> Project:
-        root = Path(__file__).resolve().parent.parent
+        import parrot_edge
+
+        root = Path(parrot_edge.__file__).resolve().parent.parent  # the checkout holding parrot_edge/
         if not (root / "pyproject.toml").is_file():
             raise ParrotEdgeError("parrot-edge bundle runs from a parrot-edge source checkout (installed with "
                                   "pip install -e), whose wheel it builds; this parrot-edge is installed from a wheel")
