@@ -60,7 +60,7 @@ class ChatApp(App[None]):
         self.home_language: Language = settings.lang or language_from_locale(os.environ)
         self.set_reactive(ChatApp.language, self.home_language)
         pin = settings.teacher_pin.get_secret_value() if settings.teacher_pin else None
-        self.teacher_pin = TeacherPin(pin)
+        self.teacher_pin = TeacherPin(pin, settings.data_dir / "pin-lockout.json")
         self.client = ParrotClient(settings.url, settings.resolved_api_key())
         self.server_ready = asyncio.Event()
         self._server_news = asyncio.Event()

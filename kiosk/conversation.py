@@ -14,7 +14,8 @@ from parrot_edge.kiosk.translated import TextChoice, Translated
 
 
 class AnswerMarkdown(Markdown):
-    """Markdown whose glyphs the Linux console's fonts all have."""
+    """Markdown whose glyphs the Linux console's fonts all have, and whose links open nothing: a kiosk must
+    not be a way to start a browser (Textual's Markdown opens links by default)."""
 
     BULLETS: ClassVar[list[str]] = ["* ", "- ", "+ ", "* ", "- "]
     DEFAULT_CSS = """
@@ -24,6 +25,9 @@ class AnswerMarkdown(Markdown):
         & MarkdownBlockQuote { border-left: ascii $secondary; }
     }
     """
+
+    def __init__(self, markdown: str | None = None, **kwargs):
+        super().__init__(markdown, open_links=False, **kwargs)
 
 
 class Reply(Vertical):

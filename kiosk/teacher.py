@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import ClassVar
 
 from textual.app import ComposeResult
@@ -13,20 +16,28 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input
 
+from parrot_edge.files import write_atomically
 from parrot_edge.kiosk.translated import Translated
 
 
 class TeacherPin:
-    """The configured PIN. Three wrong tries in a row lock it for a minute, so nobody can just try them all."""
+    """The configured PIN. Three wrong tries in a row lock it for a minute, so nobody can just try them all.
+    The count and the lock are kept in `state_file` (wall-clock time), so restarting the chat (a crash, a
+    reboot) does not give a student three more tries."""
 
     TRIES = 3
     LOCK_SECONDS = 60
 
-    def __init__(self, pin: str | None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, pin: str | None, state_file: Path | None = None, clock: Callable[[], float] = time.time):
         self._pin = pin or None
         self._clock = clock
+        self._state_file = state_file
         self._failures = 0
         self._locked_until = 0.0
+        if state_file is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError):  # none yet, or unreadable: no tries used
+                state = json.loads(state_file.read_text())
+                self._failures, self._locked_until = int(state["failures"]), float(state["locked_until"])
 
     @property
     def is_set(self) -> bool:
@@ -40,12 +51,20 @@ class TeacherPin:
             return False
         if hmac.compare_digest(attempt.encode(), self._pin.encode()):
             self._failures = 0
+            self._save()
             return True
         self._failures += 1
         if self._failures >= self.TRIES:
             self._failures = 0
             self._locked_until = self._clock() + self.LOCK_SECONDS
+        self._save()
         return False
+
+    def _save(self) -> None:
+        if self._state_file is not None:
+            with contextlib.suppress(OSError):  # a read-only disk must not stop the teacher from leaving
+                state = {"failures": self._failures, "locked_until": self._locked_until}
+                write_atomically(self._state_file, json.dumps(state).encode())
 
 
 class PinScreen(ModalScreen[bool]):

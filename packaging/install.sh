@@ -5,10 +5,12 @@
 #   sh install.sh --lan-subnet 192.168.1.0/24      also answer devices on the school's network (API key)
 #
 # Nothing is changed until every file on the stick matches SHA256SUMS, and no file is there that
-# SHA256SUMS does not list. Then: the system user parrot-edge, a Python environment in /opt/parrot-edge
-# built from the wheels on the stick (never the network), the models, the settings in /etc/parrot-edge
-# (only those not there yet), the systemd units, and `parrot-edge doctor` as the last word. Running it
-# again, or running a newer stick's install.sh, upgrades in place and keeps the settings and the models.
+# SHA256SUMS does not list. Then: the system users parrot-edge (the server) and parrot-edge-kiosk (the
+# classroom chat), a Python environment built from the wheels on the stick (never the network), the models,
+# the settings in /etc/parrot-edge (only those not there yet), the systemd units, and `parrot-edge doctor`
+# as the last word. Running it again, or a newer stick's install.sh, upgrades and keeps the settings and the
+# models. The new environment is built beside the running one (/opt/parrot-edge-releases/…) and
+# /opt/parrot-edge is switched to it only once it is complete: a failed upgrade leaves the class running.
 set -eu
 umask 022  # the services read what is installed here; a stricter umask of root's would lock them out
 
@@ -51,7 +53,8 @@ case $PREFIX in
     *) PREFIX=$(pwd -P)/$PREFIX ;;
 esac
 
-VENV=$PREFIX/opt/parrot-edge
+VENV=$PREFIX/opt/parrot-edge  # a link to the release in use
+RELEASES=$PREFIX/opt/parrot-edge-releases
 CONFIG_DIR=$PREFIX/etc/parrot-edge
 CONFIG=$CONFIG_DIR/config.toml
 KIOSK_ENV=$CONFIG_DIR/kiosk.env
@@ -120,42 +123,64 @@ stop_services() {
 
 create_user() {
     [ "$SYSTEMD" = yes ] || return 0
-    getent passwd parrot-edge >/dev/null && return 0
-    say "Creating the system user parrot-edge…"
-    useradd --system --user-group --home-dir /var/lib/parrot-edge --no-create-home \
-        --shell /usr/sbin/nologin --comment "parrot-edge AI server" parrot-edge
+    make_user parrot-edge /var/lib/parrot-edge "parrot-edge AI server"
+    make_user parrot-edge-kiosk /var/lib/parrot-edge-kiosk "parrot-edge classroom chat"
 }
 
-install_program() {
-    say "Installing parrot-edge $(bundle_info version) into $VENV (from the stick's wheels)…"
-    mkdir -p "$VENV"
-    # Rebuilt every time, so it holds exactly the stick's packages, for this computer's Python. The
-    # interpreter is copied in, not linked: llama.cpp looks for its CPU backends beside the running
-    # program, and that directory is then ours (see link_cpu_backends).
-    "$PYTHON" -m venv --clear --copies --without-pip "$VENV"
+make_user() {
+    getent passwd "$1" >/dev/null && return 0
+    say "Creating the system user $1…"
+    useradd --system --user-group --home-dir "$2" --no-create-home --shell /usr/sbin/nologin --comment "$3" "$1"
+}
+
+build_release() {
+    release=$RELEASES/$(bundle_info version)-$(date +%Y%m%d%H%M%S)-$$
+    say "Installing parrot-edge $(bundle_info version) into $release (from the stick's wheels)…"
+    mkdir -p "$RELEASES"
+    # A new environment every time, so it holds exactly the stick's packages, for this computer's Python.
+    # The interpreter is copied in, not linked: llama.cpp looks for its CPU backends beside the running
+    # program, and that directory is then ours (see link_cpu_backends). It is built under its final name
+    # (a venv does not survive being moved); only switch_release makes it the one in use.
+    "$PYTHON" -m venv --copies --without-pip "$release"
     pip_wheel=$(find "$BUNDLE/wheels" -name 'pip-*.whl' | head -n 1)
-    [ -n "$pip_wheel" ] || die "the stick has no pip wheel"
+    [ -n "$pip_wheel" ] || { rm -rf "$release"; die "the stick has no pip wheel"; }
     # pip runs straight from its wheel (the target needs no pip of its own) and sees nothing but the
     # stick: no index, no configuration files, no PIP_* variables. It installs itself too, for
     # `parrot-edge models pull --from` later.
-    PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" "$pip_wheel/pip" --isolated install --quiet --no-index \
+    if ! PIP_CONFIG_FILE=/dev/null "$release/bin/python" "$pip_wheel/pip" --isolated install --quiet --no-index \
         --only-binary :all: --find-links "$BUNDLE/wheels" --no-warn-script-location \
-        pip "parrot-edge[server,kiosk]==$(bundle_info version)"
-    link_cpu_backends
-    mkdir -p "$(dirname "$COMMAND_LINK")"
-    ln -sf "$VENV/bin/parrot-edge" "$COMMAND_LINK"
-    cp "$BUNDLE/README.txt" "$BUNDLE/uninstall.sh" "$VENV/"
+        pip "parrot-edge[server,kiosk]==$(bundle_info version)" || ! link_cpu_backends "$release"; then
+        rm -rf "$release"
+        die "building the new environment failed (see above); the installed parrot-edge was not touched."
+    fi
+    cp "$BUNDLE/README.txt" "$BUNDLE/uninstall.sh" "$release/"
 }
 
 link_cpu_backends() {
     # The portable llama.cpp build has one CPU backend per processor generation (libggml-cpu-haswell.so,
     # …-sse42.so, …) and picks the best this CPU can run at start-up. It looks for them in the running
-    # executable's directory: the copied python in $VENV/bin.
-    site_packages=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("platlib"))')
+    # executable's directory: the copied python in <release>/bin.
+    site_packages=$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_path("platlib"))')
     if ! ls "$site_packages"/bin/libggml-cpu-*.so >/dev/null 2>&1; then
-        die "llama.cpp's CPU backends are missing from the installed llama-cpp-python"
+        say "llama.cpp's CPU backends are missing from the installed llama-cpp-python"
+        return 1
     fi
-    ln -sf "$site_packages"/bin/libggml-cpu-*.so "$VENV/bin/"
+    ln -sf "$site_packages"/bin/libggml-cpu-*.so "$1/bin/"
+}
+
+switch_release() {
+    # /opt/parrot-edge names the release in use: replaced by a rename, so it is never missing or half made.
+    if [ -d "$VENV" ] && [ ! -L "$VENV" ]; then  # an installation from before releases: moved aside, removed below
+        mv "$VENV" "$RELEASES/previous-$$"
+    fi
+    ln -sfn "$release" "$VENV.new"
+    mv -T "$VENV.new" "$VENV"
+    # Every other release goes: the previous one, and any an interrupted install.sh left half built.
+    for other in "$RELEASES"/*; do
+        if [ "$other" != "$release" ]; then rm -rf "$other"; fi
+    done
+    mkdir -p "$(dirname "$COMMAND_LINK")"
+    ln -sf "$VENV/bin/parrot-edge" "$COMMAND_LINK"
 }
 
 parrot_edge() { PARROT_EDGE_CONFIG=$CONFIG "$VENV/bin/parrot-edge" "$@"; }
@@ -181,15 +206,12 @@ install_config() {
     fi
 }
 
-readable_by_services() {  # a secret the parrot-edge services read themselves: root and their group only
-    chmod 0640 "$1"
-    if [ "$SYSTEMD" = yes ]; then chgrp parrot-edge "$1"; fi
-}
-
 # -- 5. models: into the store, each checked against its manifest; an intact one is left alone
 
 install_models() {
     mkdir -p "$DATA_DIR/models"
+    # The store is root's: the server only reads it (earlier versions gave it to the server's user).
+    if [ "$SYSTEMD" = yes ]; then chown -R root:root "$DATA_DIR"; fi
     for model in $(bundle_info models); do
         gguf=$(find "$BUNDLE/models/$model" -name '*.gguf' | head -n 1)
         installed=$DATA_DIR/models/$model/manifest.json
@@ -226,9 +248,10 @@ install_units() {
 write_lan_mode() {
     say "LAN mode: serving $LAN_SUBNET too, with the API key in $API_KEY_FILE."
     if [ ! -f "$API_KEY_FILE" ]; then
-        od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$API_KEY_FILE"
-        readable_by_services "$API_KEY_FILE"
+        # Root's alone from its first byte; systemd hands it to each service as a credential (LoadCredential=).
+        (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$API_KEY_FILE")
     fi
+    chmod 0600 "$API_KEY_FILE"  # a key of an earlier version was readable by the services' group
     case $LAN_SUBNET in
         *:*) any_address=:: ;;
         *) any_address=0.0.0.0 ;;
@@ -238,13 +261,15 @@ write_lan_mode() {
 # LAN mode, from install.sh --lan-subnet $LAN_SUBNET: the school's network may use the server, with the
 # API key in /etc/parrot-edge/api-key. Undo with: install.sh --lan-subnet off
 [Service]
-Environment=PARROT_EDGE_HOST=$any_address PARROT_EDGE_API_KEY_FILE=/etc/parrot-edge/api-key
+LoadCredential=api-key:/etc/parrot-edge/api-key
+Environment=PARROT_EDGE_HOST=$any_address PARROT_EDGE_API_KEY_FILE=%d/api-key
 IPAddressAllow=$LAN_SUBNET
 EOF
     cat >"$UNIT_DIR/parrot-edge-kiosk.service.d/lan.conf" <<'EOF'
 # LAN mode: the server now wants the API key from every client, the classroom chat included.
 [Service]
-Environment=PARROT_EDGE_API_KEY_FILE=/etc/parrot-edge/api-key
+LoadCredential=api-key:/etc/parrot-edge/api-key
+Environment=PARROT_EDGE_API_KEY_FILE=%d/api-key
 EOF
 }
 
@@ -286,9 +311,10 @@ finish() {
 
 verify_bundle
 check_machine
-stop_services
 create_user
-install_program
+build_release
+stop_services
+switch_release
 install_config
 install_models
 install_units

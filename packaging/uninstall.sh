@@ -10,7 +10,7 @@ set -eu
 usage() {
     cat <<'EOF'
 Usage: sh uninstall.sh [options]
-  --purge        also delete the models, the settings and the system user parrot-edge
+  --purge        also delete the models, the settings and the system users parrot-edge(-kiosk)
   --prefix DIR   uninstall what install.sh --prefix DIR installed; implies --no-systemd
   --no-systemd   no systemctl, no userdel: remove the files only
 EOF
@@ -42,6 +42,7 @@ if [ "$SYSTEMD" = yes ] && [ "$(id -u)" -ne 0 ]; then
 fi
 
 VENV=$PREFIX/opt/parrot-edge
+RELEASES=$PREFIX/opt/parrot-edge-releases
 CONFIG_DIR=$PREFIX/etc/parrot-edge
 DATA_DIR=$PREFIX/var/lib/parrot-edge
 UNIT_DIR=$PREFIX/etc/systemd/system
@@ -51,7 +52,7 @@ if [ "$SYSTEMD" = yes ]; then
     systemctl disable --now --quiet parrot-edge-kiosk.service parrot-edge.service 2>/dev/null || true
 fi
 say "Removing the program ($VENV), the parrot-edge command and the systemd units…"
-rm -rf "$VENV"
+rm -rf "$VENV" "$RELEASES"
 rm -f "$PREFIX/usr/local/bin/parrot-edge" "$UNIT_DIR/parrot-edge.service" "$UNIT_DIR/parrot-edge-kiosk.service"
 if [ "$SYSTEMD" = yes ]; then
     systemctl daemon-reload
@@ -63,9 +64,9 @@ if [ "$PURGE" = yes ]; then
     say "Deleting the models ($DATA_DIR) and the settings ($CONFIG_DIR, LAN mode)…"
     rm -rf "$DATA_DIR" "$DATA_DIR-kiosk" "$CONFIG_DIR" "$UNIT_DIR/parrot-edge.service.d" \
         "$UNIT_DIR/parrot-edge-kiosk.service.d"
-    if [ "$SYSTEMD" = yes ] && getent passwd parrot-edge >/dev/null; then
-        userdel parrot-edge
-    fi
+    for user in parrot-edge parrot-edge-kiosk; do
+        if [ "$SYSTEMD" = yes ] && getent passwd "$user" >/dev/null; then userdel "$user"; fi
+    done
     say "parrot-edge is gone."
 else
     say "parrot-edge is removed. Kept: the models in $DATA_DIR and the settings in $CONFIG_DIR"

@@ -221,7 +221,7 @@ def test_llama_cpp_loads_the_cpu_backend_made_for_this_processor(school_computer
     venv = school_computer / "opt/parrot-edge"
     done = run(venv / "bin/python", "-c", "import llama_cpp; llama_cpp.llama_backend_init()", cwd=tmp_path)
     assert done.returncode == 0, report(done)
-    assert f"loaded CPU backend from {venv}/bin/libggml-cpu-" in done.stderr, report(done)
+    assert f"loaded CPU backend from {venv.resolve()}/bin/libggml-cpu-" in done.stderr, report(done)
 
 
 # Older processors, as qemu emulates them, and the CPU backend each should get: a build for this machine's
@@ -236,7 +236,7 @@ def test_an_older_processor_gets_a_backend_it_can_run(school_computer, tmp_path,
     done = run(QEMU, "-cpu", cpu, venv / "bin/python", "-c", "import llama_cpp; llama_cpp.llama_backend_init()",
                cwd=tmp_path)
     assert done.returncode == 0, report(done)
-    assert f"loaded CPU backend from {venv}/bin/libggml-cpu-{backend}.so" in done.stderr, report(done)
+    assert f"loaded CPU backend from {venv.resolve()}/bin/libggml-cpu-{backend}.so" in done.stderr, report(done)
     write_probe_model(tmp_path / "probe.gguf")  # evaluating it runs the real quantised kernels
     done = run(QEMU, "-cpu", cpu, venv / "bin/python", "-m", "parrot_edge.deploy.cpu_probe", tmp_path / "probe.gguf",
                cwd=tmp_path, timeout=600)
@@ -262,7 +262,7 @@ def test_installing_again_keeps_settings_and_models_and_switches_lan_mode(stick,
     lan_mode = school_computer / "etc/systemd/system/parrot-edge.service.d/lan.conf"
     assert "IPAddressAllow=10.20.0.0/16" in lan_mode.read_text()
     api_key = school_computer / "etc/parrot-edge/api-key"
-    assert len(api_key.read_text()) == 48 and api_key.stat().st_mode & 0o777 == 0o640
+    assert len(api_key.read_text()) == 48 and api_key.stat().st_mode & 0o777 == 0o600
     done = systemd_analyze_verify(school_computer)
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), report(done)
 
@@ -293,3 +293,27 @@ def test_a_stick_for_another_architecture_asks_for_a_computer_of_that_architectu
     assert done.returncode == 1, report(done)
     assert f"must be compiled for {other}" in done.stderr and f"on a {other} computer" in done.stderr
     assert not any(tmp_path.iterdir()), "nothing left behind"
+
+
+def test_a_failed_upgrade_leaves_the_installed_release_running(stick, school_computer, tmp_path):
+    """The new environment is built beside the old one; here its disk fills up (a 30 MB tmpfs over the releases
+    folder, in a private mount namespace), so pip fails: the class keeps its working installation."""
+    computer = tmp_path / "computer"
+    shutil.copytree(school_computer, computer, symlinks=True)
+    link = computer / "opt/parrot-edge"
+    link.unlink()  # the copy's link still names the original's release: point it at the copy's own
+    (release,) = (computer / "opt/parrot-edge-releases").iterdir()
+    link.symlink_to(release)
+    # The releases folder becomes the small disk; the release in use stays mounted in it, as it was.
+    script = (f'mkdir "$3" && mount --bind "$1/opt/parrot-edge-releases/{release.name}" "$3"'
+              ' && mount -t tmpfs -o size=30m tmpfs "$1/opt/parrot-edge-releases"'
+              f' && mkdir "$1/opt/parrot-edge-releases/{release.name}"'
+              f' && mount --bind "$3" "$1/opt/parrot-edge-releases/{release.name}"'
+              ' && exec sh "$2/install.sh" --prefix "$1"')
+    done = run("unshare", "--mount", "sh", "-c", script, "upgrade", computer, stick, tmp_path / "keep")
+    assert done.returncode != 0, report(done)
+    assert "the installed parrot-edge was not touched" in done.stderr, report(done)
+    assert link.resolve() == release, "the link still names the release in use"
+    still = run(link / "bin/parrot-edge", "--version")
+    assert still.returncode == 0 and still.stdout.startswith("parrot-edge "), report(still)
+    assert [p.name for p in (computer / "opt/parrot-edge-releases").iterdir()] == [release.name]

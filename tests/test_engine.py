@@ -513,3 +513,15 @@ def test_a_wedged_worker_is_reported_stalled(default_gguf):
 
 async def _submit_only(engine: Engine) -> None:
     engine.submit(Request(prompt=engine.tokenize("Hello", add_special=True), max_tokens=2))
+
+
+def test_a_token_longer_than_the_piece_buffer_is_not_cut(engine):
+    """Pieces come through a reused buffer (256 bytes); a longer one makes it grow instead of being dropped.
+    No token of the default model is that long, so the buffer is made 1 byte here."""
+    import ctypes
+
+    token = engine.tokenize(" international", add_special=False, parse_special=False)
+    assert len(token) == 1
+    engine.context._piece = ctypes.create_string_buffer(1)
+    assert engine.context.piece(token[0]) == b" international"
+    assert len(engine.context._piece) >= len(b" international")

@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -17,7 +18,7 @@ from textual.widgets import Input
 from parrot_edge.kiosk.app import ChatApp
 from parrot_edge.kiosk.chat_screen import ChatScreen
 from parrot_edge.kiosk.client import Connection
-from parrot_edge.kiosk.conversation import Conversation, Exchange, Reply
+from parrot_edge.kiosk.conversation import AnswerMarkdown, Conversation, Exchange, Reply
 from parrot_edge.kiosk.i18n import DEFAULT_SYSTEM_PROMPTS, TEXTS
 from parrot_edge.kiosk.question_input import QuestionInput
 from parrot_edge.kiosk.teacher import PinScreen
@@ -536,9 +537,9 @@ def test_kiosk_mode_without_a_pin_cannot_be_left_from_the_keyboard():
     asyncio.run(scenario())
 
 
-def test_three_wrong_pins_lock_the_dialog_for_a_minute():
+def test_three_wrong_pins_lock_the_dialog_for_a_minute(tmp_path):
     async def scenario():
-        app = chat_app(f"http://127.0.0.1:{free_port()}", kiosk=True, teacher_pin="2468")
+        app = chat_app(f"http://127.0.0.1:{free_port()}", kiosk=True, teacher_pin="2468", data_dir=tmp_path)
         async with app.run_test(size=SIZE) as pilot:
             await open_pin_dialog(pilot)
             for _ in range(3):
@@ -549,6 +550,34 @@ def test_three_wrong_pins_lock_the_dialog_for_a_minute():
             return app.teacher_pin.locked_seconds()
 
     assert 55 <= asyncio.run(scenario()) <= 60
+    # The chat started again (a crash, a reboot) is just as locked: no three more tries.
+    again = chat_app(f"http://127.0.0.1:{free_port()}", kiosk=True, teacher_pin="2468", data_dir=tmp_path)
+    assert 50 <= again.teacher_pin.locked_seconds() <= 60 and not again.teacher_pin.check("2468")
+
+
+def test_links_in_an_answer_open_nothing():
+    """Textual's Markdown opens a clicked link in a browser; in a kiosk that would be a way out."""
+    from textual.app import App
+
+    class Recording(App):
+        opened: ClassVar[list[str]] = []
+
+        def compose(self):
+            yield AnswerMarkdown("[a link](https://example.com)")
+
+        def open_url(self, url: str, *, new_tab: bool = True) -> None:
+            self.opened.append(url)
+
+    async def scenario():
+        app = Recording()
+        async with app.run_test() as pilot:
+            markdown = app.query_one(AnswerMarkdown)
+            markdown.post_message(AnswerMarkdown.LinkClicked(markdown, "https://example.com"))
+            await pilot.pause()
+            await until(pilot, lambda: not markdown._message_queue.qsize(), "the click to be handled")
+        return app.opened
+
+    assert asyncio.run(scenario()) == []
 
 
 def test_outside_kiosk_mode_ctrl_q_quits():
