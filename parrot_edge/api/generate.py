@@ -19,7 +19,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from parrot_edge.api.errors import ApiError, busy
-from parrot_edge.api.fairness import client_of
 from parrot_edge.engine.requests import Delta, Finished, Generation, PromptTooLong, QueueFull
 from parrot_edge.engine.requests import Request as EngineRequest
 from parrot_edge.engine.sampling import SamplingParams
@@ -51,31 +50,20 @@ class Job:
 
 async def generate(runtime, engine: Engine, request: Request, job: Job):
     """The response to a prepared request (see app.py for the routes that prepare it)."""
-    client = client_of(request)
-    if not runtime.clients.take(client):
-        runtime.metrics.record_request(job.endpoint, "too_many")
-        raise busy(f"this client already has {runtime.clients.per_client} requests under way; wait for one to "
-                   "finish", engine.retry_after(), "too_many_requests", status=429)
-    handed_over = False
-    try:
-        generation = _submit(runtime, engine, job, client)
-        if not await _left_queue(engine, generation, request):
-            runtime.metrics.record_request(job.endpoint, "disconnected")
-            return JSONResponse({}, status_code=499)
-        if not generation.admitted:  # it ended in the queue (timed out, or the server is stopping)
-            finished = generation.events.get_nowait()
-            _record(runtime, job, finished)
-            _raise_for_failure(finished)
-        if job.stream:
-            chunks = _stream(runtime, engine, generation, job, lambda: runtime.clients.give_back(client))
-            first = await anext(chunks)  # started: from here on its own `finally` gives the client's place back
-            handed_over = True
-            return StreamingResponse(_prepend(first, chunks), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await _whole(runtime, engine, generation, request, job)
-    finally:
-        if not handed_over:
-            runtime.clients.give_back(client)
+    generation = _submit(runtime, engine, job, request.client.host if request.client else "unknown")
+    if not await _left_queue(engine, generation, request):
+        runtime.metrics.record_request(job.endpoint, "disconnected")
+        return JSONResponse({}, status_code=499)
+    if not generation.admitted:  # it ended in the queue (timed out, or the server is stopping)
+        finished = generation.events.get_nowait()
+        _record(runtime, job, finished)
+        _raise_for_failure(finished)
+    if job.stream:
+        chunks = _stream(runtime, engine, generation, job)
+        first = await anext(chunks)  # started: from here on its own `finally` cancels it if it is left
+        return StreamingResponse(_prepend(first, chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await _whole(runtime, engine, generation, request, job)
 
 
 def _submit(runtime, engine: Engine, job: Job, client: str) -> Generation:
@@ -176,7 +164,7 @@ def _envelope(engine: Engine, job: Job, *, chunk: bool) -> dict:
             "created": int(time.time()), "model": engine.info.name}
 
 
-async def _stream(runtime, engine: Engine, generation: Generation, job: Job, release) -> AsyncIterator[str]:
+async def _stream(runtime, engine: Engine, generation: Generation, job: Job) -> AsyncIterator[str]:
     envelope = _envelope(engine, job, chunk=True)
 
     def chunk(text: str | None, finish_reason: str | None = None, **extra) -> str:
@@ -211,7 +199,6 @@ async def _stream(runtime, engine: Engine, generation: Generation, job: Job, rel
         if finished is None:  # the client went away mid-stream, or the engine is stuck: stop generating for it
             engine.cancel(generation)
             runtime.metrics.record_request(job.endpoint, left_by)
-        release()
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:

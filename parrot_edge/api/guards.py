@@ -1,13 +1,17 @@
-"""What a request must pass before any route sees it: its Host, its size, its API key. Plain ASGI, so
-streamed answers pass through untouched (Starlette's `@app.middleware` would copy every chunk through an
-extra task), and a refusal costs nothing of what the refused client sent.
+"""What a request must pass before any route sees it: its Host, its size, its API key, its client's share.
+Plain ASGI, so streamed answers pass through untouched (Starlette's `@app.middleware` would copy every chunk
+through an extra task), and a refusal costs nothing of what the refused client sent: not even parsing it.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
-from parrot_edge.api.errors import ApiError, error_response
+from parrot_edge.api.errors import ApiError, busy, error_response
+from parrot_edge.api.fairness import ClientLimit
+
+GENERATING = ("/v1/chat/completions", "/v1/completions")  # the routes that hold a place in the engine
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "*")
@@ -31,14 +35,18 @@ def _host_name(host_header: bytes) -> str:
 
 
 class Guard:
-    """Host check, body size limit and API key, in that order (the key is checked last: a refused Host or size
-    tells nothing about keys)."""
+    """Host check, body size limit, API key and the client's share, in that order (the key after Host and
+    size: a refused Host or size tells nothing about keys)."""
 
-    def __init__(self, app, *, allowed_hosts: set[str] | None, max_body: int, api_key: str | None):
+    def __init__(self, app, *, allowed_hosts: set[str] | None, max_body: int, api_key: str | None,
+                 clients: ClientLimit, retry_after: Callable[[], int], record: Callable[[str, str], None]):
         self.app = app
         self.allowed_hosts = allowed_hosts
         self.max_body = max_body
         self.api_key = api_key.encode() if api_key else None
+        self.clients = clients
+        self.retry_after = retry_after
+        self.record = record  # (endpoint, outcome) into /metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -51,7 +59,20 @@ class Guard:
         if refusal is not None:
             await error_response(refusal)(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        if scope["path"] not in GENERATING:
+            await self.app(scope, receive, send)
+            return
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        if not self.clients.take(client):
+            refusal = busy(f"this client already has {self.clients.per_client} requests under way; wait for one "
+                           "to finish", self.retry_after(), "too_many_requests", status=429)
+            self.record("chat" if scope["path"] == GENERATING[0] else "completions", "too_many")
+            await error_response(refusal)(scope, receive, send)
+            return
+        try:  # held until the answer is sent (a stream to its end), or the client has gone
+            await self.app(scope, receive, send)
+        finally:
+            self.clients.give_back(client)
 
     def _refusal(self, scope, headers: dict[bytes, bytes]) -> ApiError | None:
         if self.allowed_hosts is not None and _host_name(headers.get(b"host", b"")) not in self.allowed_hosts:

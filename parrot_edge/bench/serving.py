@@ -125,9 +125,16 @@ class Answer:
     tokens: int
     seconds: float
     text: str
+    longest_gap: float = 0.0  # the longest wait between two pieces of text, after the first
 
 
-async def _sse_lines(url: str, path: str, body: dict) -> AsyncIterator[bytes]:
+def student_address(student: int) -> str:
+    """The loopback address a benchmark student connects from (127.0.0.2, …): each student is its own client
+    to parrot-edge's per-client limit, as each computer of a class is."""
+    return f"127.0.{2 + student // 250}.{2 + student % 250}"
+
+
+async def _sse_lines(url: str, path: str, body: dict, source: str | None = None) -> AsyncIterator[bytes]:
     """The lines of a streamed answer to a JSON POST, over a fresh HTTP/1.1 connection closed after it (for
     every server alike: llama-server closes kept-alive connections under load, and a client racing that close
     would count as that server's error).
@@ -137,7 +144,7 @@ async def _sse_lines(url: str, path: str, body: dict) -> AsyncIterator[bytes]:
     stream, measured), CPU that would otherwise be taken from llama.cpp's threads, whichever server runs."""
     host, _, port = url.removeprefix("http://").partition(":")
     payload = json.dumps(body).encode()
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await asyncio.open_connection(host, int(port), local_addr=(source, 0) if source else None)
     try:
         writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
@@ -166,8 +173,9 @@ async def _sse_lines(url: str, path: str, body: dict) -> AsyncIterator[bytes]:
 
 
 async def stream_chat(url: str, model: str, messages: list[dict], max_tokens: int,
-                      completions_prompt: str | None = None) -> Answer:
-    """One streamed request; tokens from the usage chunk when the server sends one, else content chunks."""
+                      completions_prompt: str | None = None, source: str | None = None) -> Answer:
+    """One streamed request (from the loopback address `source`, if given); tokens from the usage chunk when
+    the server sends one, else content chunks."""
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     if completions_prompt is None:
@@ -175,9 +183,9 @@ async def stream_chat(url: str, model: str, messages: list[dict], max_tokens: in
     else:
         path, body["prompt"] = "/v1/completions", completions_prompt
     start = time.perf_counter()
-    first = None
-    chunks, usage_tokens, parts = 0, None, []
-    async for line in _sse_lines(url, path, body):
+    first = last = None
+    chunks, usage_tokens, parts, gap = 0, None, [], 0.0
+    async for line in _sse_lines(url, path, body, source):
         if not line.startswith(b"data: ") or line.rstrip() == b"data: [DONE]":
             continue
         payload = json.loads(line[6:])
@@ -186,12 +194,15 @@ async def stream_chat(url: str, model: str, messages: list[dict], max_tokens: in
         for choice in payload.get("choices") or []:
             piece = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
             if piece:
-                first = first or time.perf_counter()
+                now = time.perf_counter()
+                first = first or now
+                gap = max(gap, now - (last or now))
+                last = now
                 chunks += 1
                 parts.append(piece)
     end = time.perf_counter()
     return Answer(ttft=(first or end) - start, tokens=usage_tokens or chunks, seconds=end - start,
-                  text="".join(parts))
+                  text="".join(parts), longest_gap=gap)
 
 
 async def model_id(url: str) -> str:
@@ -234,7 +245,7 @@ async def classroom(server: Server, students: int, requests: int, max_tokens: in
                 messages = [{"role": "system", "content": SYSTEM},
                             {"role": "user", "content": question(round_ * 1000 + s * requests + r)}]
             try:
-                answer = await stream_chat(server.url, model, messages, max_tokens)
+                answer = await stream_chat(server.url, model, messages, max_tokens, source=student_address(s))
             except (OSError, EOFError, ValueError, RuntimeError) as exc:
                 run.errors += 1
                 run.first_error = run.first_error or f"{type(exc).__name__}: {exc}"

@@ -1,7 +1,9 @@
 """The scheduler: one worker thread serving every student from one llama.cpp context.
 
-The policy, step by step. Requests wait in arrival order (the queue is bounded: QueueFull → HTTP 503) and
-take free slots as they come free; each gets its best cache first (reuse.py). Then the worker loops:
+The policy, step by step. Requests wait in a bounded queue (QueueFull → HTTP 503) and take free slots as
+they come free: first the request of the client with the fewest requests answering, then the oldest, so a
+client that floods cannot keep everyone else waiting; each gets its best cache first (reuse.py). Then the
+worker loops:
 
   1. select the work: the next token of every answering student, then up to `prefill_chunk` prompt tokens
      of the students still reading their prompt, oldest first, at most SEQ_ROWS - 1 of each, so a long
@@ -200,7 +202,7 @@ class Engine:
             free = [slot for slot in self._slots if slot.generation is None]
             if not free:
                 return
-            generation = self._waiting.popleft()
+            generation = self._next_waiting()
             slot = self._reuse.choose_slot(free, generation.request.prompt)
             try:
                 self._assign(slot, generation, now)
@@ -208,6 +210,13 @@ class Engine:
                 log.exception("admitting a request failed")
                 slot.generation = generation
                 self._end(slot, "error", error=str(exc), keep_cache=False)
+
+    def _next_waiting(self) -> Generation:
+        """The waiting request to admit next: its client's fewest answering, then arrival order."""
+        answering = collections.Counter(slot.generation.request.client for slot in self._slots if slot.generation)
+        generation = min(self._waiting, key=lambda g: answering[g.request.client])  # min keeps the first of equals
+        self._waiting.remove(generation)
+        return generation
 
     def _assign(self, slot: Slot, generation: Generation, now: float) -> None:
         request = generation.request

@@ -57,6 +57,10 @@ class ModelManifest(BaseModel):
     license: str | None = None
     source: str | None = None
     source_sha256: str | None = None
+    # False: the GGUF computes something slightly different from its checkpoint (no llama.cpp architecture
+    # fits exactly); `approximations` says what, `verification` how much. None: not recorded (older files).
+    exact: bool | None = None
+    approximations: list[str] | None = None
     verification: Verification | None = None
     fetch: PipWheelSource | None = None
 
