@@ -11,6 +11,7 @@ GELU table (≈0.012); 3 with random q/k gains approximate (plamo3 normalises be
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -183,7 +184,7 @@ def test_f32_gguf_against_the_independent_implementation(converted):
         assert report.figures.mean_kl > 1e-3 and "APPROXIMATE" in "\n".join(report.lines())
 
 
-@pytest.mark.parametrize("generation,quant", [("1", "q4_0"), ("3", "q4_1"), ("2", "iq4_nl")])
+@pytest.mark.parametrize("generation,quant", [("1", "q4_0"), ("3-shared-gains", "q4_1"), ("2", "iq4_nl")])
 def test_4bit_files_load_and_answer(tmp_path, gpt2_vocabulary, generation, quant):
     from parrot_edge.converters.quantize import fallbacks
 
@@ -243,10 +244,10 @@ def test_cli_strict_refuses_and_an_approximate_manifest_says_so(tmp_path, gpt2_v
     assert manifest.exact is False and "before RoPE" in manifest.approximations[0]
     assert manifest.verification is not None and manifest.verification.mean_kl > 1e-3  # measured without --verify
     listing = subprocess.run([str(PARROT_EDGE), "models", "add", str(out)], capture_output=True, text=True,
-                             env={"PARROT_EDGE_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"})
+                             env={**os.environ, "PARROT_EDGE_DATA_DIR": str(tmp_path / "data")})
     assert listing.returncode == 0, listing.stderr
     shown = subprocess.run([str(PARROT_EDGE), "models", "list"], capture_output=True, text=True,
-                           env={"PARROT_EDGE_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}).stdout
+                           env={**os.environ, "PARROT_EDGE_DATA_DIR": str(tmp_path / "data")}).stdout
     line = next(row for row in shown.splitlines() if "approx" in row and "GB" not in row)
     assert "APPROXIMATE" in line, shown
     assert json.loads(out.with_suffix(".json").read_text())["exact"] is False

@@ -234,7 +234,7 @@ def test_openapi_fuzz_never_5xx(server, mode):
     strategy = st.one_of([op.as_strategy(generation_mode=schemathesis.GenerationMode(mode)) for op in operations])
 
     @given(case=strategy)
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def check(case):
         if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
             case.body["max_tokens"] = min(case.body["max_tokens"], 4)  # keep each generated request short
@@ -242,6 +242,30 @@ def test_openapi_fuzz_never_5xx(server, mode):
         assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text}"
 
     check()
+
+
+# Bodies a careless or hostile client may send, as raw bytes: every one gets a 4xx with an OpenAI-style error.
+RAW_BODIES = [
+    b"", b"null", b"[]", b"42", b'"text"', b"{", b'{"model": ', b"\xff\xfe\x00{}", b'{"model": "m"}',
+    b'{"model": "' + MODEL.encode() + b'", "messages": []}',
+    b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user"}]}',
+    b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "wizard", "content": "hi"}]}',
+    b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": {"a": 1}}]}',
+    b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}',
+    b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
+    b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}',
+    b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "\\udfff"}]}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"a": ' * 5000 + b"1" + b"}" * 5000,
+]
+
+
+@pytest.mark.parametrize("body", RAW_BODIES, ids=lambda body: repr(body[:40]))
+def test_raw_json_edge_cases_are_4xx_with_a_message(server, body):
+    response = post(server, "/v1/chat/completions", body)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert response.json()["error"]["message"]
 
 
 _OFFLINE_ROUND_TRIP = r"""

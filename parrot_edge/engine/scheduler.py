@@ -57,7 +57,8 @@ BURST_WINDOW = 0.010
 
 class Engine:
     def __init__(self, model_path: Path, *, name: str, slots: int, ctx_per_slot: int, threads: int | None = None,
-                 prefill_chunk: int = 256, queue_size: int = 64, shelf_bytes: int = 64 * 2**20):
+                 prefill_chunk: int = 256, queue_size: int = 64, shelf_bytes: int = 64 * 2**20,
+                 verify_cells: bool = False):
         self.context = LlamaContext(model_path, slots=slots, ctx_per_slot=ctx_per_slot,
                                     prefill_chunk=prefill_chunk, threads=threads)
         self.info = self.context.facts(name, model_path)
@@ -66,6 +67,7 @@ class Engine:
         self.ctx_per_slot = self.context.ctx_per_slot
         self.prefill_chunk = prefill_chunk
         self.queue_size = queue_size
+        self.verify_cells = verify_cells  # after every step, check each slot's tokens against llama.cpp's cells
         self.stats = EngineStats()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         lib = self.context.lib
@@ -166,6 +168,8 @@ class Engine:
                 self._admit()
             try:
                 self._step()
+                if self.verify_cells:
+                    self._check_cells()
             except Exception as exc:  # never let one bad step take the classroom down
                 log.exception("engine step failed")
                 for slot in self._slots:
@@ -180,6 +184,13 @@ class Engine:
             if slot.generation is not None:
                 self._end(slot, "error", error="server shutting down", keep_cache=False)
         self._outbox.deliver()
+
+    def _check_cells(self) -> None:
+        """The invariant of sequence.py, asked of llama.cpp itself (tests turn this on; it costs a call a slot)."""
+        wrong = [slot.seq_id for slot in self._slots if len(slot.sequence.tokens) != slot.sequence.cells()]
+        if wrong:
+            self.stats.cell_mismatches += 1
+            raise RuntimeError(f"the tokens of slots {wrong} no longer match their KV cells")
 
     def _gather_burst(self) -> None:
         """Woken from idle by a request: let the rest of a burst arrive first. Started alone, the first

@@ -20,9 +20,17 @@ def _print_table(rows: list[list[str]]) -> None:
         print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def _exactness(manifest: ModelManifest) -> str:
+    """Whether the GGUF computes its checkpoint's function exactly, as its converter recorded."""
+    if manifest.exact is False:
+        return f"APPROXIMATE ({len(manifest.approximations or [])} approximation(s): see {manifest.name}.json)"
+    return "exact" if manifest.exact else "exactness not recorded"
+
+
 def _row(manifest: ModelManifest, last_column: str) -> list[str]:
     return [manifest.name + (" (default)" if manifest.name == DEFAULT_MODEL else ""),
-            f"{manifest.size / 1e6:,.1f} MB", manifest.quant, manifest.license or "license unknown", last_column]
+            f"{manifest.size / 1e6:,.1f} MB", manifest.quant, manifest.license or "license unknown",
+            _exactness(manifest), last_column]
 
 
 def list_command(args) -> int:
