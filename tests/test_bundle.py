@@ -317,3 +317,10 @@ def test_a_failed_upgrade_leaves_the_installed_release_running(stick, school_com
     still = run(link / "bin/parrot-edge", "--version")
     assert still.returncode == 0 and still.stdout.startswith("parrot-edge "), report(still)
     assert [p.name for p in (computer / "opt/parrot-edge-releases").iterdir()] == [release.name]
+
+
+def test_a_stick_needs_a_folder_and_prepare_needs_none(tmp_path):
+    done = run(*PARROT_EDGE, "bundle", env={**os.environ, "PARROT_EDGE_DATA_DIR": str(tmp_path)})
+    assert done.returncode == 1 and "--out FOLDER" in done.stderr, report(done)
+    prepared = run(*PARROT_EDGE, "bundle", "--prepare", env=os.environ)  # built by `make test` already: cached
+    assert prepared.returncode == 0 and "is ready" in prepared.stdout, report(prepared)

@@ -76,6 +76,12 @@ def bundle_command(args) -> int:
     target = args.platform or host_platform()
     if target not in PLATFORMS:
         raise ParrotEdgeError(f"this computer is {target}: say which computers the stick is for with --platform")
+    if args.prepare:  # only the long part, ahead of time (`make test` does this, so the tests find it built)
+        wheel = portable_llama_wheel(Project.find().llama_version, target, lambda what: print(what, flush=True))
+        print(f"The portable llama-cpp-python for {target} is ready: {wheel}")
+        return 0
+    if args.out is None:
+        raise ParrotEdgeError("say where to make the stick: --out FOLDER (e.g. --out /media/usb/parrot-edge)")
     pythons = _check_pythons(args.pythons or DEFAULT_PYTHONS)
     store = ModelStore(load_settings().models_dir)
     models = list(dict.fromkeys(args.models or [DEFAULT_MODEL]))
