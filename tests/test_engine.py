@@ -424,13 +424,17 @@ def test_many_requests_leave_memory_and_kv_flat(engine):
     assert engine.state().slots_busy == 0 and engine.state().queue_depth == 0
 
 
-@pytest.mark.parametrize("model", ["tiny", "q4_k_m"])
+@pytest.mark.parametrize("model", ["tiny", "q4_k_m", "default, q8_0 KV cache"])
 def test_other_models_are_exact_under_batching_and_reuse(request, model):
-    """The converter's own tiny model (F32, default chat template) and the default model's weights as Q4_K_M
-    (K-quant kernels): concurrency and prefix reuse change nothing."""
-    path = request.getfixturevalue("tiny_gguf") if model == "tiny" else request.getfixturevalue(
-        "requantized_gguf")(model)
-    other = Engine(path, name=model, slots=3, ctx_per_slot=256, prefill_chunk=16)
+    """The converter's own tiny model (F32, default chat template), the default model's weights as Q4_K_M
+    (K-quant kernels), and the default model with a q8_0 KV cache: concurrency and prefix reuse change nothing."""
+    if model == "tiny":
+        path = request.getfixturevalue("tiny_gguf")
+    else:
+        path = request.getfixturevalue("default_gguf") if model.startswith("default") else request.getfixturevalue(
+            "requantized_gguf")(model)
+    other = Engine(path, name=model, slots=3, ctx_per_slot=256, prefill_chunk=16,
+                   kv_type="q8_0" if "q8_0 KV" in model else "f16")
     try:
         async def scenario():
             requests = [Request(prompt=chat_tokens(other, [{"role": "user", "content": q}]), sampling=GREEDY,

@@ -23,19 +23,19 @@ SLOTS = 4
 
 # The default model (Q4_1), and the same weights as Q4_0 and as Q4_K_M (K-quant tensors: the repacked and
 # tiled kernels the engine keeps off, see parrot_edge.llamacpp).
-MODELS = ["default", "q4_0", "q4_k_m"]
+MODELS = ["default", "q4_0", "q4_k_m", "default, q8_0 KV cache"]
 
 
 def model_path(default_gguf, requantized_gguf, name: str):
-    return default_gguf if name == "default" else requantized_gguf(name)
+    return default_gguf if name.startswith("default") else requantized_gguf(name)
 
 
 @contextlib.contextmanager
-def opened(path, repack: bool):
+def opened(path, repack: bool, kv_type: str = "f16"):
     """A llama.cpp context under the engine's parameters: (llama, ctx, batch, n_vocab, ubatch rows)."""
     llama = llamacpp.lib()
     model = llamacpp.load_model(path, repack=repack)
-    params = context_params(llama, slots=SLOTS, ctx_per_slot=1024, prefill_chunk=LENGTH)
+    params = context_params(llama, slots=SLOTS, ctx_per_slot=1024, prefill_chunk=LENGTH, kv_type=kv_type)
     ctx = llama.llama_init_from_model(model, params)
     batch = llama.llama_batch_init(512, 0, 1)
     n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
@@ -50,7 +50,8 @@ def opened(path, repack: bool):
 @pytest.fixture(scope="module", params=MODELS)
 def llama_context(request, default_gguf, requantized_gguf):
     path = model_path(default_gguf, requantized_gguf, request.param)
-    with opened(path, repack=llamacpp.repacking_is_exact(path)) as context:  # as the engine loads it
+    kv_type = "q8_0" if "q8_0 KV" in request.param else "f16"
+    with opened(path, repack=llamacpp.repacking_is_exact(path), kv_type=kv_type) as context:  # as the engine does
         yield context
 
 

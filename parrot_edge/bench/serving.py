@@ -173,11 +173,12 @@ async def _sse_lines(url: str, path: str, body: dict, source: str | None = None)
 
 
 async def stream_chat(url: str, model: str, messages: list[dict], max_tokens: int,
-                      completions_prompt: str | None = None, source: str | None = None) -> Answer:
+                      completions_prompt: str | None = None, source: str | None = None,
+                      extra: dict | None = None) -> Answer:
     """One streamed request (from the loopback address `source`, if given); tokens from the usage chunk when
     the server sends one, else content chunks."""
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     if completions_prompt is None:
         path, body["messages"] = "/v1/chat/completions", messages
     else:
@@ -232,7 +233,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def classroom(server: Server, students: int, requests: int, max_tokens: int, round_: int,
-                    turns: bool) -> ClassroomRun:
+                    turns: bool, extra: dict | None = None) -> ClassroomRun:
     run = ClassroomRun()
     model = await model_id(server.url)
 
@@ -245,7 +246,8 @@ async def classroom(server: Server, students: int, requests: int, max_tokens: in
                 messages = [{"role": "system", "content": SYSTEM},
                             {"role": "user", "content": question(round_ * 1000 + s * requests + r)}]
             try:
-                answer = await stream_chat(server.url, model, messages, max_tokens, source=student_address(s))
+                answer = await stream_chat(server.url, model, messages, max_tokens, source=student_address(s),
+                                           extra=extra)
             except (OSError, EOFError, ValueError, RuntimeError) as exc:
                 run.errors += 1
                 run.first_error = run.first_error or f"{type(exc).__name__}: {exc}"
@@ -302,6 +304,27 @@ def raw_decode_speed(gguf: Path, n: int, threads: int, steps: int = 64) -> float
 
 # -- commands ---------------------------------------------------------------------------------------------
 
+def answers_run_full_length(args, gguf: Path) -> dict:
+    """Request fields that keep a random-weights model from ending its answers by chance (its end-of-text
+    token banned): every server is then timed over the same number of tokens. None for a trained model."""
+    if not getattr(args, "model_shape", None):
+        return {}
+    from parrot_edge.store.gguf_check import read_header
+
+    eos = read_header(gguf).metadata.get("tokenizer.ggml.eos_token_id")
+    return {"logit_bias": {str(eos): -100}} if eos is not None else {}
+
+
+def bench_model(args) -> Path:
+    """The GGUF a serving benchmark runs: --model-shape (a random checkpoint of a real size, converted to
+    Q4_K_M by parrot-edge: see shapes.py), else --model (store name or path), else the default model."""
+    if getattr(args, "model_shape", None):
+        from parrot_edge.bench.shapes import shape_gguf
+
+        return shape_gguf(args.model_shape)
+    return _model_path(args.model)
+
+
 def _model_path(name: str | None) -> Path:
     from parrot_edge.settings import load_settings
     from parrot_edge.store.model_store import ModelStore
@@ -329,10 +352,11 @@ def _running(servers: list[Server]):
 
 
 def bench_single_command(args) -> int:
-    gguf = _model_path(args.model)
+    gguf = bench_model(args)
     threads = _threads()
     servers = [parrot_edge_server(gguf, 1, 2048, threads), llama_cpp_python_server(gguf, 2048, threads)]
     prompt = "Once upon a time, in a small village in the mountains, there lived a curious girl who"
+    extra = answers_run_full_length(args, gguf)
     results: dict[str, list[float]] = {"raw llama.cpp": []} | {server.name: [] for server in servers}
     with _running(servers):
         for round_ in range(args.rounds):
@@ -340,7 +364,7 @@ def bench_single_command(args) -> int:
             for server in servers:
                 async def one(server=server):
                     return await stream_chat(server.url, await model_id(server.url), [], args.tokens,
-                                             completions_prompt=prompt)
+                                             completions_prompt=prompt, extra=extra)
                 answer = asyncio.run(one())
                 decode_seconds = answer.seconds - answer.ttft
                 results[server.name].append((answer.tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0)
@@ -356,54 +380,63 @@ def bench_single_command(args) -> int:
 
 
 def bench_classroom_command(args) -> int:
-    gguf = _model_path(args.model)
-    threads = _threads()
-    ctx = 2048
+    gguf = bench_model(args)
+    threads, ctx, slots = _threads(), 2048, args.slots or args.students
     if args.build_llama_server:
         llama_tool("llama-server")
-    servers = [parrot_edge_server(gguf, args.students, ctx, threads)]
-    incumbent = llama_server(gguf, args.students, ctx, threads)
+    servers = [parrot_edge_server(gguf, slots, ctx, threads)]
+    incumbent = llama_server(gguf, slots, ctx, threads)
     if incumbent is None:
         print("llama-server not found (PATH or the cache): skipped. Build it with --build-llama-server.",
               file=sys.stderr)
     else:
         servers.append(incumbent)
-    servers.append(llama_cpp_python_server(gguf, ctx, threads))
+    if not args.no_llama_cpp_python:
+        servers.append(llama_cpp_python_server(gguf, ctx, threads))
+    extra = answers_run_full_length(args, gguf)
+    runs = _classroom_rounds(servers, args, extra)
+    ceilings = {"one llama_decode over a token of each student (parrot-edge's context)":
+                raw_decode_speed(gguf, args.students, threads)}
+    if args.build_llama_server or installed_tool("llama-batched-bench"):
+        ceilings[f"llama-batched-bench -npp 64 -ntg 64 -npl {args.students}, S_TG"] = batched_bench_speed(
+            gguf, args.students, threads)
+    _print_classroom(runs, args, gguf, threads, ceilings)
+    return 0
+
+
+def _classroom_rounds(servers: list[Server], args, extra: dict) -> dict[str, list[ClassroomRun]]:
     runs: dict[str, list[ClassroomRun]] = {server.name: [] for server in servers}
     requests = 5 if args.turns else args.requests
     with _running(servers):
         for server in servers:  # warm-up: load pages, fill allocators
-            asyncio.run(classroom(server, 2, 1, 8, 999, False))
+            asyncio.run(classroom(server, 2, 1, 8, 999, False, extra))
         for round_ in range(args.rounds):
             for server in servers:
-                run = asyncio.run(classroom(server, args.students, requests, args.tokens, round_, args.turns))
+                run = asyncio.run(classroom(server, args.students, requests, args.tokens, round_, args.turns, extra))
                 runs[server.name].append(run)
                 print(f"round {round_ + 1}/{args.rounds} {server.name}: {run.tok_per_s:.1f} tok/s, TTFT p95 "
                       f"{percentile(run.ttfts, 95):.2f} s, errors {run.errors}", file=sys.stderr)
-    ceiling = raw_decode_speed(gguf, args.students, threads)
+    return runs
 
+
+def _print_classroom(runs: dict[str, list[ClassroomRun]], args, gguf: Path, threads: int,
+                     ceilings: dict[str, float]) -> None:
     def med(name: str, value) -> float:
         return statistics.median(value(run) for run in runs[name])
 
-    def speed(run: ClassroomRun) -> float:
-        return run.tok_per_s
-
-    def p50(run: ClassroomRun) -> float:
-        return percentile(run.ttfts, 50)
-
-    def p95(run: ClassroomRun) -> float:
-        return percentile(run.ttfts, 95)
-
+    speed = ClassroomRun.tok_per_s.fget
+    p50, p95 = (lambda run: percentile(run.ttfts, 50)), (lambda run: percentile(run.ttfts, 95))
     mode = "5-turn conversations" if args.turns else f"{args.requests} requests each"
-    print(f"\n{args.students} students × {mode}, answers ≤ {args.tokens} tokens, {gguf.name}, {threads} threads "
-          f"(median of {args.rounds} interleaved rounds)")
+    print(f"\n{args.students} students × {mode}, answers ≤ {args.tokens} tokens, {gguf.name}, {threads} threads, "
+          f"{args.slots or args.students} slots (median of {args.rounds} interleaved rounds)")
     print(f"  {'server':<18} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'errors':>7}")
     for name in runs:
         errors = sum(run.errors for run in runs[name])
         print(f"  {name:<18} {med(name, speed):8.1f} {med(name, p50):8.2f}s {med(name, p95):8.2f}s {errors:7d}")
         if errors:
             print(f"    first error: {next(run.first_error for run in runs[name] if run.first_error)}")
-    print(f"  batched ceiling: one llama_decode over {args.students} tokens = {ceiling:.1f} tok/s")
+    for what, ceiling in ceilings.items():
+        print(f"  ceiling, {what}: {ceiling:.1f} tok/s (parrot-edge {med('parrot-edge', speed) / ceiling:.2f}×)")
     for name in [n for n in runs if n != "parrot-edge"]:
         print(f"  parrot-edge vs {name}: {med('parrot-edge', speed) / med(name, speed):.2f}× tok/s, "
               f"TTFT p95 {med('parrot-edge', p95) / med(name, p95):.2f}×")
@@ -414,4 +447,18 @@ def bench_classroom_command(args) -> int:
                        for turn in range(1, 6)]
             print(f"    {name:<18} " + "  ".join(f"t{i + 1} {t:.2f}s" for i, t in enumerate(by_turn))
                   + f"   turn5/turn1 {by_turn[4] / by_turn[0]:.2f}×")
-    return 0
+
+
+def batched_bench_speed(gguf: Path, students: int, threads: int) -> float:
+    """llama.cpp's own batched decode (llama-batched-bench, built once from the vendored source): S_TG, the
+    tokens per second of generation with `students` sequences of 64 prompt and 64 generated tokens."""
+    tool = llama_tool("llama-batched-bench")
+    done = subprocess.run([str(tool), "-m", str(gguf), "-c", str(students * 256), "-b", "2048", "-ub", "512",
+                           "-npp", "64", "-ntg", "64", "-npl", str(students), "-t", str(threads), "-fa", "on"],
+                          capture_output=True, text=True, timeout=1800)
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") >= 9]
+    values = [row for row in rows if row[1].strip().isdigit()]
+    if done.returncode != 0 or not values:
+        raise ParrotEdgeError(f"llama-batched-bench failed: {(done.stderr or done.stdout)[-400:]}")
+    header = [cell.strip() for cell in rows[0]]
+    return float(values[-1][header.index("S_TG t/s")])

@@ -162,9 +162,9 @@ def _summary(answers: list[Answer]) -> tuple[float, float]:
 
 
 def bench_soak_command(args) -> int:
-    from parrot_edge.bench.serving import _model_path, _threads
+    from parrot_edge.bench.serving import _threads, bench_model
 
-    gguf = _model_path(args.model)
+    gguf = bench_model(args)
     server = parrot_edge_server(gguf, args.slots, 1024, _threads())
     with tempfile.TemporaryDirectory(prefix="parrot-edge-soak-") as workdir:
         server.start(Path(workdir))

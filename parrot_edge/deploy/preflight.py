@@ -90,5 +90,5 @@ def _llama_cpp() -> tuple[None, tuple[str, ...]]:
 
 def _plan(settings: Settings, model: ResolvedModel, shelf_bytes: int) -> tuple[MemoryPlan, tuple[str, ...]]:
     plan = plan_memory(read_model_shape(model.path), slots=settings.slots, ctx_per_slot=settings.ctx_per_slot,
-                       shelf=shelf_bytes)
+                       shelf=shelf_bytes, kv_type=settings.kv_cache_type)
     return plan, (f"{model.name}: {plan.summary()}",)

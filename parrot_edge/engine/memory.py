@@ -142,8 +142,12 @@ def cgroup_headroom(cgroup: Path, root: Path) -> int | None:
     return tightest
 
 
+# Bytes of the KV cache per f16 byte, by cache type: q8_0 keeps 32 values in 34 bytes (f16: 64).
+KV_SCALE = {"f16": 1.0, "q8_0": 34 / 64}
+
+
 def plan_memory(info: ModelShape, slots: int | None = None, ctx_per_slot: int | None = None,
-                available: int | None = None, shelf: int = 0) -> MemoryPlan:
+                available: int | None = None, shelf: int = 0, kv_type: str = "f16") -> MemoryPlan:
     """The memory plan for serving `info`; unset slots become the most (8 down to 1) that fit.
 
     Raises a ParrotEdgeError with the numbers and what to change when even the smallest plan does not fit.
@@ -155,14 +159,14 @@ def plan_memory(info: ModelShape, slots: int | None = None, ctx_per_slot: int | 
     available = available_memory() if available is None else available
     budget = int(available * USABLE_FRACTION)
     for n in [slots] if slots else range(DEFAULT_SLOTS, 0, -1):
-        plan = _plan(info, n, ctx, available, shelf)
+        plan = _plan(info, n, ctx, available, shelf, kv_type)
         if plan.total <= budget:
             return plan
-    raise ParrotEdgeError(_does_not_fit(info, plan, budget, shelf))
+    raise ParrotEdgeError(_does_not_fit(info, plan, budget, shelf, kv_type))
 
 
-def _plan(info: ModelShape, slots: int, ctx: int, available: int, shelf: int) -> MemoryPlan:
-    kv_cache = slots * ctx * info.kv_bytes_per_token
+def _plan(info: ModelShape, slots: int, ctx: int, available: int, shelf: int, kv_type: str) -> MemoryPlan:
+    kv_cache = round(slots * ctx * info.kv_bytes_per_token * KV_SCALE[kv_type])
     activations = UBATCH_ROWS * (12 * info.n_embd + 2 * info.n_ff) * 4
     attention = 2 * UBATCH_ROWS * ctx * 4
     logits = 2 * slots * info.n_vocab * 4
@@ -172,7 +176,7 @@ def _plan(info: ModelShape, slots: int, ctx: int, available: int, shelf: int) ->
                       available)
 
 
-def _does_not_fit(info: ModelShape, plan: MemoryPlan, budget: int, shelf: int) -> str:
+def _does_not_fit(info: ModelShape, plan: MemoryPlan, budget: int, shelf: int, kv_type: str) -> str:
     message = (f"not enough memory for {info.path.name}: {_slots(plan.slots)} × {plan.ctx_per_slot} tokens "
                f"need {plan.total / 1e6:,.0f} MB (weights {plan.weights / 1e6:,.0f} MB + KV cache "
                f"{plan.kv_cache / 1e6:,.0f} MB + overhead {plan.overhead / 1e6:,.0f} MB), but only "
@@ -180,7 +184,7 @@ def _does_not_fit(info: ModelShape, plan: MemoryPlan, budget: int, shelf: int) -
                "available)")
 
     def fits(slots: int, ctx: int) -> bool:
-        return _plan(info, slots, ctx, plan.available, shelf).total <= budget
+        return _plan(info, slots, ctx, plan.available, shelf, kv_type).total <= budget
 
     if not fits(1, CTX_STEP):
         return (message + ". The model alone does not fit: close other programs, or use a smaller "
