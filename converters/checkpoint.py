@@ -3,8 +3,10 @@
 A family (converters/families/) recognises its files and opens them as a `Checkpoint`, usually the
 checkpoint class of its llama.cpp architecture (converters/architectures/). Everything after that —
 tokenizer export, the GGUF writer, llama.cpp's quantiser, verification — only sees this interface, so
-another architecture (ParrotLLM → `llama` or `plamo3`, Parakeet → `mpt`) plugs in by returning its own
-`arch`, metadata keys, tensors and reference forward; nothing else changes.
+another architecture (ParrotLLM → `llama`, `hunyuan-dense`, `plamo3` or `gpt2`, Parakeet → `mpt`) plugs in by
+returning its own `arch`, metadata keys, tensors and reference forward; nothing else changes. Where the target
+computes something slightly different, `approximations` says what, and the reference forward stays the
+checkpoint's own function, so verification measures the difference.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from parrot_edge.converters.tokenizer import TokenizerHints
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class SourceInfo:
     license: str | None = None
     declared_vocab: int | None = None  # vocabulary before the trainer padded the embedding, if the config says
     notes: list[str] = field(default_factory=list)  # things the maintainer should know (printed by the CLI)
+    tokenizer_hints: TokenizerHints | None = None  # what the family knows about its tokenizer beyond the files
 
 
 class Checkpoint(Protocol):
@@ -49,6 +55,8 @@ class Checkpoint(Protocol):
     n_vocab: int  # rows of the token embedding: the GGUF must hold exactly this many tokens
     context_length: int
     parameter_count: int
+    # What the GGUF computes differently from the checkpoint, one sentence each; empty: an exact conversion
+    approximations: list[str]
 
     def gguf_metadata(self) -> dict[str, Any]:
         """Architecture keys (e.g. `llama.block_count`); Python int → uint32, float → float32, str → string."""
@@ -62,3 +70,28 @@ class Checkpoint(Protocol):
         """The checkpoint's own function: logits [batch, time, n_vocab] (float32) for token ids [batch, time]."""
         ...
 
+
+
+@dataclass
+class MappedCheckpoint:
+    """A checkpoint already mapped onto its target architecture: tensors and metadata built by its family,
+    the reference forward the family's own (the checkpoint's function, whatever the target computes)."""
+
+    arch: str
+    source: SourceInfo
+    n_vocab: int
+    context_length: int
+    parameter_count: int
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensor]
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    approximations: list[str] = field(default_factory=list)
+
+    def gguf_metadata(self) -> dict[str, Any]:
+        return self.metadata
+
+    def gguf_tensors(self) -> list[GGUFTensor]:
+        return self.tensors
+
+    def reference_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward(tokens)

@@ -21,17 +21,19 @@ def convert_command(args) -> int:
 
     quant = check_quant(args.quant)
     check_output(args.output)
-    texts = read_texts(args.text) if args.verify else None  # a bad --text fails now, not after converting
+    texts = read_texts(args.text)  # a bad --text fails now, not after converting
     checkpoint, vocabulary = open_source(args.source, args.family, args.model_config, args.tokenizer)
     with _terminate_means_interrupt():
         manifest = convert(checkpoint, vocabulary, args.output, quant, name=args.name, license=args.license,
-                           threads=args.threads)
+                           threads=args.threads, strict=args.strict)
     print(f"wrote {args.output} ({manifest.size / 1e6:.1f} MB, {quant.upper()}, "
           f"{manifest.parameters / 1e6:.1f} M parameters, tokenizer {manifest.tokenizer}) "
           f"and {manifest_path_for(args.output).name}")
-    if not args.verify:
+    if not args.verify and not checkpoint.approximations:
         return 0
-    say("verifying: PyTorch reference forward vs llama.cpp")
+    # an approximate conversion is always measured: its manifest must say how far it is from the checkpoint
+    say("verifying: PyTorch reference forward vs llama.cpp" + ("" if args.verify else
+                                                               " (always, for an approximate conversion)"))
     report = verify(checkpoint, vocabulary, args.output, texts, args.threads)
     print("\n".join(report.lines()))
     manifest.verification = report.figures

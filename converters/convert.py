@@ -54,16 +54,32 @@ def open_source(source: Path, family: str | None, config: str | None,
                 tokenizer: Path | None) -> tuple[Checkpoint, Vocabulary]:
     checkpoint = open_checkpoint(source, family, config)
     tokenizer_path = find_tokenizer(tokenizer or checkpoint.source.tokenizer_dir or source)
-    vocabulary = load_vocabulary(tokenizer_path, checkpoint.n_vocab, checkpoint.source.declared_vocab)
+    vocabulary = load_vocabulary(tokenizer_path, checkpoint.n_vocab, checkpoint.source.declared_vocab,
+                                  checkpoint.source.tokenizer_hints)
     return checkpoint, vocabulary
 
 
+def check_exactness(checkpoint: Checkpoint, strict: bool, progress: Callable[[str], None] = say) -> None:
+    """Say plainly what an approximate conversion changes; with `strict`, refuse it."""
+    if not checkpoint.approximations:
+        return
+    listing = "; ".join(checkpoint.approximations)
+    if strict:
+        raise BadInput(f"--strict: no llama.cpp architecture computes this {checkpoint.source.family} checkpoint "
+                       f"exactly (closest: `{checkpoint.arch}`, which differs by: {listing})")
+    for approximation in checkpoint.approximations:
+        progress(f"warning: APPROXIMATE conversion to `{checkpoint.arch}`: {approximation}")
+    progress("warning: the GGUF computes something slightly different from the checkpoint; verification measures "
+             "how much, and the manifest records it (\"exact\": false)")
+
+
 def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant: str, *, name: str | None = None,
-            license: str | None = None, threads: int | None = None,
+            license: str | None = None, threads: int | None = None, strict: bool = False,
             progress: Callable[[str], None] = say) -> ModelManifest:
     """Write `output` (and its manifest) from an opened checkpoint; returns the manifest."""
     quant = check_quant(quant)
     check_output(output)
+    check_exactness(checkpoint, strict, progress)
     source = checkpoint.source
     for note in source.notes + vocabulary.notes:
         progress(f"note: {note}")
@@ -96,6 +112,7 @@ def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant:
         parameters=checkpoint.parameter_count, context_length=checkpoint.context_length,
         tokenizer=vocabulary.metadata["tokenizer.ggml.model"], license=license or source.license,
         source=f"{source.family}:{source.path.name}", source_sha256=source_hash,
+        exact=not checkpoint.approximations, approximations=list(checkpoint.approximations) or None,
     )
     manifest.write(manifest_path_for(output))
     return manifest

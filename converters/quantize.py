@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gguf
 
-from parrot_edge.converters.quants import LLAMA_CPP_QUANTS
+from parrot_edge.converters.quants import LLAMA_CPP_QUANTS, SMALL_BLOCK_4BIT
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.llamacpp import lib, recent_log
 from parrot_edge.store.gguf_check import read_header
@@ -50,5 +50,9 @@ def describe_fallbacks(found: list[tuple[str, str]], quant: str) -> str:
         by_type.setdefault(stored, []).append(name)
     parts = [f"{stored} ×{len(names)} ({', '.join(names[:4])}{', …' if len(names) > 4 else ''})"
              for stored, names in sorted(by_type.items())]
-    return (f"{len(found)} tensors have rows that do not divide into {base.name}'s {block}-value blocks and were "
-            f"stored as: {'; '.join(parts)}")
+    message = (f"--quant {quant}: {len(found)} tensors have rows that do not divide into {base.name}'s {block}-value "
+               f"blocks, and llama.cpp stored them as: {'; '.join(parts)}")
+    if block > 32:
+        message += (f". For 4 bits on a model whose rows do not all divide into {block}, use --quant "
+                    f"{' / '.join(SMALL_BLOCK_4BIT)} (32-value blocks)")
+    return message

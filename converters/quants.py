@@ -13,7 +13,11 @@ DIRECT_QUANTS: dict[str, str] = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 LLAMA_CPP_QUANTS: dict[str, tuple[str, str]] = {
     "q8_0": ("MOSTLY_Q8_0", "Q8_0"),
     "q4_0": ("MOSTLY_Q4_0", "Q4_0"),
+    "q4_1": ("MOSTLY_Q4_1", "Q4_1"),
+    "iq4_nl": ("MOSTLY_IQ4_NL", "IQ4_NL"),  # 4.5 bits like Q4_0, a non-linear grid: closer, no imatrix needed
     "q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K"),
     "q5_k_m": ("MOSTLY_Q5_K_M", "Q5_K"),
 }
 QUANT_CHOICES: tuple[str, ...] = (*DIRECT_QUANTS, *LLAMA_CPP_QUANTS)
+# 4-bit types of 32-value blocks: what a model whose rows do not divide into 256 should use instead of K-quants
+SMALL_BLOCK_4BIT = ("q4_0", "q4_1", "iq4_nl")

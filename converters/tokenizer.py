@@ -36,7 +36,11 @@ SPECIAL_TOKEN_KEYS = {
     "eos": "tokenizer.ggml.eos_token_id",
     "unk": "tokenizer.ggml.unknown_token_id",
     "pad": "tokenizer.ggml.padding_token_id",
+    "eot": "tokenizer.ggml.eot_token_id",  # llama.cpp ends generation on it too (as on eos)
 }
+# What find_tokenizer looks for in a directory, in this order (vocab.json / encoder.json: GPT-2's files as the
+# hub and OpenAI name them, each with its merges beside it; *.tiktoken files are looked for after these)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "encoder.json")
 
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -49,6 +53,18 @@ PRE_TOKENIZERS: dict[str, tuple[str | None, list[tuple], bool]] = {
     "llama-bpe": (None, [("Split", _LLAMA3_REGEX, "Isolated", False), ("ByteLevel", False, False)], True),
     "qwen2": ("NFC", [("Split", _QWEN2_REGEX, "Isolated", False), ("ByteLevel", False, False)], False),
 }
+
+
+@dataclass
+class TokenizerHints:
+    """A family's knowledge of its tokenizer that the tokenizer files do not hold (defaults that a
+    tokenizer_config.json beside them overrides): tokens its trainer added, which ids are special, the
+    chat template its own generator uses."""
+
+    added: dict[int, tuple[str, int]] = field(default_factory=dict)  # id → (text, GGUF token type)
+    special: dict[str, int] = field(default_factory=dict)  # bos/eos/pad/eot → id
+    add_bos: bool = False
+    chat_template: str | None = None
 
 
 @dataclass
@@ -74,25 +90,49 @@ def find_tokenizer(path: Path) -> Path:
     """The tokenizer file for a --tokenizer argument or a checkpoint directory (tokenizer.model preferred)."""
     if path.is_file():
         return path
-    for name in ("tokenizer.model", "tokenizer.json"):
+    for name in TOKENIZER_FILES:
         if (path / name).is_file():
             return path / name
-    raise BadInput(f"no tokenizer in {path} (looked for tokenizer.model and tokenizer.json); "
+    if found := sorted(path.glob("*.tiktoken")):
+        return found[0]
+    raise BadInput(f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES)} and *.tiktoken); "
                    "pass the checkpoint's tokenizer with --tokenizer")
 
 
-def load_vocabulary(path: Path, n_vocab: int, declared_vocab: int | None = None) -> Vocabulary:
-    """Read a tokenizer file and fit it to an embedding of `n_vocab` rows."""
+def load_vocabulary(path: Path, n_vocab: int, declared_vocab: int | None = None,
+                    hints: TokenizerHints | None = None) -> Vocabulary:
+    """Read a tokenizer file and fit it to an embedding of `n_vocab` rows. `hints` (the family's) give the
+    tokens its trainer added and its special tokens, where tokenizer_config.json does not say otherwise."""
+    from parrot_edge.converters import bpe_files
+
     settings = _read_json(path.parent / "tokenizer_config.json")
-    vocab = _byte_level_bpe(path, settings) if path.name.endswith(".json") else _sentencepiece(path, settings)
+    if path.suffix == ".model":
+        vocab = _sentencepiece(path, settings)
+    else:
+        vocab = byte_level_bpe(bpe_files.tokenizer_json(path), path, _with_hints(settings, hints), hints)
     _pad_to_embedding(vocab, n_vocab, declared_vocab)
-    template = _chat_template(path.parent, settings)
+    template = _chat_template(path.parent, settings) or (hints.chat_template if hints else None)
     if template is None:
         template = DEFAULT_CHAT_TEMPLATE
         vocab.notes.append("no chat template in tokenizer_config.json: wrote parrot-edge's default "
                            "(plain 'User:' / 'Assistant:' turns)")
     vocab.metadata["tokenizer.chat_template"] = template
     return vocab
+
+
+def _with_hints(settings: dict[str, Any], hints: TokenizerHints | None) -> dict[str, Any]:
+    """tokenizer_config.json's settings, completed by the family's hints (token contents, as it names them)."""
+    if hints is None:
+        return settings
+    contents = dict(hints.added.items())
+    merged = dict(settings)
+    for name, token_id in hints.special.items():
+        if token_id in contents:
+            merged.setdefault(f"{name}_token", contents[token_id][0])
+        else:
+            merged.setdefault(f"_{name}_id", token_id)  # an id of the base vocabulary: resolved by id
+    merged.setdefault("add_bos_token", hints.add_bos)
+    return merged
 
 
 def _sentencepiece(path: Path, settings: dict[str, Any]) -> Vocabulary:
@@ -143,21 +183,22 @@ def _sentencepiece(path: Path, settings: dict[str, Any]) -> Vocabulary:
     return Vocabulary("sentencepiece", tokens, scores, types, metadata, encode, notes)
 
 
-def _byte_level_bpe(path: Path, settings: dict[str, Any]) -> Vocabulary:
+def byte_level_bpe(data: dict[str, Any], path: Path, settings: dict[str, Any],
+                   hints: TokenizerHints | None = None) -> Vocabulary:
+    """A byte-level BPE tokenizer, as a tokenizer.json's content (`data`, read from or built for `path`)."""
     from tokenizers import Tokenizer
 
-    try:
-        text = path.read_text()
-        data = json.loads(text)
-        tokenizer = Tokenizer.from_str(text)
-    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
-        raise BadInput(f"{path} is not a Hugging Face tokenizer.json: {exc}") from None
     model = data.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = f"{model.get('type')} tokenizer" + (" with byte fallback" if model.get("byte_fallback") else "")
         raise BadInput(f"{path} is a {kind}; parrot-edge exports byte-level BPE tokenizer.json files and "
                        "SentencePiece tokenizer.model files (pass the tokenizer.model with --tokenizer)")
     pre = llama_cpp_pre_tokenizer(data)
+    _add_hinted_tokens(data, hints)
+    try:
+        tokenizer = Tokenizer.from_str(json.dumps(data))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise BadInput(f"{path} is not a valid byte-level BPE tokenizer: {exc}") from None
 
     entries = {int(i): (token, NORMAL) for token, i in model["vocab"].items()}
     for added in data.get("added_tokens") or []:
@@ -170,7 +211,8 @@ def _byte_level_bpe(path: Path, settings: dict[str, Any]) -> Vocabulary:
         types.append(token_type)
 
     lookup = {token: i for i, token in enumerate(tokens)}
-    special = _special_ids(settings, lookup, _bpe_default_specials(path.parent, lookup))
+    by_id = {name[1:-3]: value for name, value in settings.items() if name.startswith("_") and name.endswith("_id")}
+    special = _special_ids(settings, lookup, by_id or _bpe_default_specials(path.parent, lookup))
     if "eos" not in special:
         raise BadInput(f"cannot tell the end-of-text token of {path}: name it as eos_token in "
                        "tokenizer_config.json")
@@ -185,10 +227,35 @@ def _byte_level_bpe(path: Path, settings: dict[str, Any]) -> Vocabulary:
         **_special_metadata(special, add_bos, add_eos),
     }
 
+    # tokenizers numbers added tokens contiguously after the model's vocabulary: where the file leaves holes
+    # (cl100k: 100256, 100261-100275) its ids differ from the file's, which the GGUF keeps
+    renumbered = {tokenizer.token_to_id(e["content"]): e["id"] for e in data.get("added_tokens") or []}
+    renumbered = {ours: theirs for ours, theirs in renumbered.items() if ours is not None and ours != theirs}
+
     def encode(text: str) -> list[int]:
-        return _with_specials(tokenizer.encode(text, add_special_tokens=False).ids, special, add_bos, add_eos)
+        ids = [renumbered.get(i, i) for i in tokenizer.encode(text, add_special_tokens=False).ids]
+        return _with_specials(ids, special, add_bos, add_eos)
 
     return Vocabulary(f"byte-level-bpe ({pre})", tokens, scores, types, metadata, encode)
+
+
+def _add_hinted_tokens(data: dict[str, Any], hints: TokenizerHints | None) -> None:
+    """The family's added tokens into the tokenizer's added tokens (a vocabulary entry the trainer treats as
+    special, such as GPT-2's <|endoftext|> in vocab.json, becomes one too); a different token at the same id
+    means another tokenizer."""
+    if hints is None or not hints.added:
+        return
+    added = data.setdefault("added_tokens", [])
+    in_vocab = {i: token for token, i in (data.get("model") or {}).get("vocab", {}).items() if i in hints.added}
+    already = {entry["id"]: entry["content"] for entry in added}
+    for token_id, (content, token_type) in sorted(hints.added.items()):
+        found = already.get(token_id, in_vocab.get(token_id))
+        if found is not None and found != content:
+            raise BadInput(f"the tokenizer has {found!r} at id {token_id}, where this checkpoint's trainer put "
+                           f"{content!r}: it is not this checkpoint's tokenizer")
+        if token_id not in already:
+            added.append({"id": token_id, "content": content, "special": token_type == CONTROL,
+                          "normalized": False, "single_word": False, "lstrip": False, "rstrip": False})
 
 
 def llama_cpp_pre_tokenizer(data: dict[str, Any]) -> str:

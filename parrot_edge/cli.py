@@ -122,23 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: rebuilt from the "
                                                         "default model's GGUF, or from --gguf)")
     p.add_argument("--gguf", type=Path, help="a `llama` GGUF to rebuild the default source from")
+    p.add_argument("--parakeet", action="store_true",
+                   help="measure a Parakeet-shaped checkpoint (378M, random weights) instead: time and peak RSS")
+    p.add_argument("--tokenizer", type=Path, help="cl100k_base.tiktoken for --parakeet (default: the test wheelhouse)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both tools (default 2)")
     p.add_argument("--threads", type=int, help="CPU threads for the perplexity runs")
     p = _command(bsub, "single", "parrot_edge.bench.serving:bench_single_command",
                  "one-student decode speed: raw llama.cpp, parrot-edge, llama-cpp-python's server")
     p.add_argument("--model")
+    p.add_argument("--model-shape", metavar="PRESET",
+                   help="a random checkpoint of this size (e.g. tiny_LLaMA_1b: ParrotAI-1.1B), built and converted "
+                        "to Q4_K_M once, instead of --model")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p = _command(bsub, "classroom", "parrot_edge.bench.serving:bench_classroom_command",
                  "many students at once: parrot-edge vs llama-server vs llama-cpp-python's server")
     p.add_argument("--model")
+    p.add_argument("--model-shape", metavar="PRESET", help="as for bench single")
     p.add_argument("--students", type=int, default=8)
     p.add_argument("--requests", type=int, default=4, help="requests per student")
     p.add_argument("--tokens", type=int, default=64, help="answer length")
     p.add_argument("--rounds", type=int, default=2, help="A/B rounds, interleaved")
     p.add_argument("--turns", action="store_true", help="multi-turn mode: time to first token of turns 1..5")
+    p.add_argument("--slots", type=int, help="slots of each server (default: one per student)")
+    p.add_argument("--no-llama-cpp-python", action="store_true", help="leave out llama-cpp-python's server")
     p.add_argument("--build-llama-server", action="store_true",
-                   help="build llama.cpp's llama-server from the llama-cpp-python sdist into ~/.cache if absent")
+                   help="build llama.cpp's llama-server and llama-batched-bench from the vendored source into the "
+                        "cache if absent")
     p = _command(bsub, "soak", "parrot_edge.bench.soak:bench_soak_command",
                  "well-behaved students streaming beside hostile clients, against a clean run of the same length")
     p.add_argument("--model")

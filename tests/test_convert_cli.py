@@ -109,7 +109,8 @@ def test_family_choices_are_the_registry():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     for command in ("convert", "verify"):
         options = {o: a for a in commands[command]._actions for o in a.option_strings}
-        assert list(options["--family"].choices) == families.names() == ["tinyllama", "litgpt", "hf-llama"]
+        expected = ["tinyllama", "parrotllm", "parakeet", "litgpt", "hf-llama"]
+        assert list(options["--family"].choices) == families.names() == expected
         assert all(preset in options["--config"].help for preset in families.presets())
 
 

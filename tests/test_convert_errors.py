@@ -55,7 +55,7 @@ def test_no_family_matches(tmp_path):
         open_checkpoint(tmp_path)
     message = str(error.value)
     assert "matches no checkpoint family" in message and "README.md" in message
-    assert all(f"{name}:" in message for name in ("hf-llama", "tinyllama", "litgpt"))
+    assert all(f"{name}:" in message for name in ("hf-llama", "tinyllama", "litgpt", "parrotllm", "parakeet"))
 
 
 def test_missing_and_unexpected_keys_are_listed(hf_dir):
@@ -120,7 +120,7 @@ def test_truncated_safetensors(hf_dir):
 
 def test_unknown_quant_type():
     with pytest.raises(BadInput, match="unknown quant type 'q3_k'; choose one of f32, f16, bf16, q8_0, q4_0, "
-                                       "q4_k_m, q5_k_m"):
+                                       "q4_1, iq4_nl, q4_k_m, q5_k_m"):
         check_quant("q3_k")
 
 

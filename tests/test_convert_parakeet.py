@@ -46,7 +46,7 @@ def independent(state: dict, tokens: list[int], slopes: list[float], gelu: str =
     causal = torch.tril(torch.ones(t, t))
     layer = 0
     while f"transformer.h.{layer}.ln_1.weight" in state:
-        def w(name):
+        def w(name, layer=layer):
             return state[f"transformer.h.{layer}.{name}.weight"]
         h = F.layer_norm(x, (d,), w("ln_1"), None, 1e-5)
         q = (h @ w("attn.c_query").T).view(t, HEADS, hd).transpose(0, 1)
@@ -89,7 +89,8 @@ def test_checkpoint_is_recognised_and_labelled(parakeet):
     meta = read_header(output).metadata
     assert meta["mpt.attention.head_count"] == HEADS and meta["mpt.attention.max_alibi_bias"] == pytest.approx(64 / 9)
     assert meta["tokenizer.ggml.tokens"].length == 100288 and meta["tokenizer.ggml.eos_token_id"] == 100276
-    assert {t.name for t in read_header(output).tensors} >= {"output.weight", "token_embd.weight", "blk.3.attn_qkv.weight"}
+    names = {t.name for t in read_header(output).tensors}
+    assert names >= {"output.weight", "token_embd.weight", "blk.3.attn_qkv.weight"}
 
 
 def test_ggml_gives_heads_0_to_15_parakeets_slopes():
@@ -128,7 +129,7 @@ def test_tokenizer_chat_template_and_stop_tokens(parakeet, cl100k_file):
     from parrot_edge import llamacpp
     from parrot_edge.api.chat_template import render_chat
 
-    _, _, vocabulary, output, _ = parakeet
+    output = parakeet[3]
     template = read_header(output).metadata["tokenizer.chat_template"]
     messages = [{"role": "system", "content": "You are Parakeet."}, {"role": "user", "content": " ¿Qué es un río? "},
                 {"role": "assistant", "content": "Agua que corre."}, {"role": "user", "content": "Thanks 😊"}]

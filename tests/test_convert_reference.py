@@ -117,7 +117,7 @@ def test_registry_keeps_detection_order_and_refuses_clashes():
     from parrot_edge.converters import families
 
     known = families.registered()
-    assert [f.name for f in known] == ["tinyllama", "litgpt", "hf-llama"]  # most specific first
+    assert [f.name for f in known] == ["tinyllama", "parrotllm", "parakeet", "litgpt", "hf-llama"]  # specific first
     assert list(families.presets()) == ["tiny_LLaMA_1b", "tiny_LLaMA_120M", "code_tiny_LLaMA_1b", "micro-llama-300M"]
     twin = known[0]
     for clash, message in ((dict(priority=99), "two checkpoint families are named"),

