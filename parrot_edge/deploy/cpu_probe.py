@@ -87,7 +87,8 @@ def rebuild_advice(cpu: CpuInfo) -> str:
 
 
 def write_probe_model(path: Path) -> None:
-    """A tiny random llama-architecture GGUF: 2 layers, 64 wide, a 259-token byte vocabulary."""
+    """A tiny random llama-architecture GGUF: 2 layers, 64 wide, a 259-token byte vocabulary. (Long because a
+    GGUF's metadata is a list of keys llama.cpp requires; they read best together.)"""
     import gguf
     import numpy as np
 
