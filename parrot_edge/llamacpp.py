@@ -26,8 +26,12 @@ _recent_lock = threading.Lock()
 # K- and i-quant weights have faster CPU kernels that compute a row differently depending on how many rows
 # share the matrix multiplication (measured: tests/test_exactness.py on a Q4_K_M model), which would make an
 # answer depend on its company. The tiled one is switched off here for the whole process (ggml reads this
-# once, at its first multiplication); the repacked one per model, in `load_model`.
+# once, at its first multiplication); the repacked one is decided per model by `repack_policy`.
 BATCH_VARIANT_TYPE_PREFIXES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ", "TQ")
+# What ggml-cpu repacks on x86 whose repacked kernels differ by a row's place in its micro-batch (gemm for
+# groups of 4, gemv for the rest: repack.cpp, see parrot_edge/engine/padding.py). The other types it repacks
+# there (Q4_0, IQ4_NL, MXFP4) compute a row alike either way; K-quants other than these it does not repack.
+PADDED_REPACK_TYPES = ("Q4_K", "Q2_K")
 
 
 @cache
@@ -65,7 +69,7 @@ def recent_log(lines: int = 6) -> str:
 
 def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = True, repack: bool = True):
     """Load a GGUF with llama.cpp; returns the `llama_model` pointer or raises a clear error. `repack=False`
-    keeps the weights in their file layout (no "extra buffer types"): see `repacking_is_exact`."""
+    keeps the weights in their file layout (no "extra buffer types"): see `repack_policy`."""
     llama = lib()
     params = llama.llama_model_default_params()
     params.vocab_only = vocab_only
@@ -77,15 +81,27 @@ def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = True, r
     return model
 
 
-def repacking_is_exact(path: Path) -> bool:
-    """Whether llama.cpp's repacked weights compute every row the same in any batch: not for K- and i-quants
-    (Q4_K_M measured), yes for F32/F16/Q8_0/Q4_0/Q4_1 (tests/test_exactness.py)."""
+def repack_policy(path: Path, allow: bool = True) -> str:
+    """How the engine loads a model so that batching stays exact:
+    "exact"  repacked weights, which compute every row the same in any batch (F32/F16/Q8_0/Q4_0/Q4_1, and on
+             x86 every type but Q4_K and Q2_K: tests/test_exactness.py);
+    "padded" repacked weights whose row results depend on the row's place in its micro-batch (Q4_K, Q2_K on
+             x86): exact only with the engine's padded steps (parrot_edge/engine/padding.py);
+    "off"    weights kept in their file layout: K- and i-quants elsewhere than x86 (their repacked kernels
+             there are other, unmeasured ones), or `allow=False` (the repacked_weights = "off" setting)."""
+    import platform
+
     import gguf
 
     from parrot_edge.store.gguf_check import read_header
 
     types = {gguf.GGMLQuantizationType(tensor.ggml_type).name for tensor in read_header(path).tensors}
-    return not any(name.startswith(BATCH_VARIANT_TYPE_PREFIXES) for name in types)
+    variant = any(name.startswith(BATCH_VARIANT_TYPE_PREFIXES) for name in types)
+    if not variant:
+        return "exact"
+    if not allow or platform.machine() not in ("x86_64", "AMD64"):
+        return "off"
+    return "padded" if types & set(PADDED_REPACK_TYPES) else "exact"
 
 
 class Batch:

@@ -427,7 +427,8 @@ def test_many_requests_leave_memory_and_kv_flat(engine):
 @pytest.mark.parametrize("model", ["tiny", "q4_k_m", "default, q8_0 KV cache"])
 def test_other_models_are_exact_under_batching_and_reuse(request, model):
     """The converter's own tiny model (F32, default chat template), the default model's weights as Q4_K_M
-    (K-quant kernels), and the default model with a q8_0 KV cache: concurrency and prefix reuse change nothing."""
+    (K-quant kernels; on x86 repacked, with padded steps: without them 4 of 6 answers here changed in company,
+    measured), and the default model with a q8_0 KV cache: concurrency and prefix reuse change nothing."""
     if model == "tiny":
         path = request.getfixturevalue("tiny_gguf")
     else:
@@ -447,6 +448,8 @@ def test_other_models_are_exact_under_batching_and_reuse(request, model):
         assert [text for text, _ in together] == [text for text, _ in alone]
         assert all(finished.completion_tokens > 0 for _, finished in alone)
         assert any(finished.cached_tokens > 0 for _, finished in together)  # the chat template's shared opening
+        if model == "q4_k_m" and other.context.repack == "padded":  # x86: repacked Q4_K, steps padded to 4 rows
+            assert other.stats.throwaway_rows > 0
     finally:
         other.close()
 

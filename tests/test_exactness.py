@@ -9,6 +9,7 @@ its last token; every case must equal the reference bit for bit."""
 from __future__ import annotations
 
 import contextlib
+import platform
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def opened(path, repack: bool, kv_type: str = "f16"):
 def llama_context(request, default_gguf, requantized_gguf):
     path = model_path(default_gguf, requantized_gguf, request.param)
     kv_type = "q8_0" if "q8_0 KV" in request.param else "f16"
-    with opened(path, repack=llamacpp.repacking_is_exact(path), kv_type=kv_type) as context:  # as the engine does
+    with opened(path, repack=llamacpp.repack_policy(path) == "exact", kv_type=kv_type) as context:
         yield context
 
 
@@ -131,10 +132,11 @@ def test_64_rows_of_one_sequence_are_why_a_step_holds_at_most_63(llama_context):
         pytest.skip("this llama.cpp build rounds 64-row pieces like the others: the limit is harmless but unneeded")
 
 
-def test_repacked_k_quants_are_why_the_engine_keeps_their_weights_unpacked(default_gguf, requantized_gguf):
+def test_repacked_k_quants_are_why_the_engine_pads_their_steps(default_gguf, requantized_gguf):
     k_quants = requantized_gguf("q4_k_m")
-    assert not llamacpp.repacking_is_exact(k_quants)
-    assert llamacpp.repacking_is_exact(default_gguf) and llamacpp.repacking_is_exact(requantized_gguf("q4_0"))
+    assert llamacpp.repack_policy(k_quants) == ("padded" if platform.machine() == "x86_64" else "off")
+    assert llamacpp.repack_policy(k_quants, allow=False) == "off"
+    assert llamacpp.repack_policy(default_gguf) == llamacpp.repack_policy(requantized_gguf("q4_0")) == "exact"
     with opened(k_quants, repack=True) as repacked:
         if np.array_equal(last_logits(repacked, pieces(7)), last_logits(repacked, pieces(32))):
             pytest.skip("this llama.cpp build's repacked K-quant kernels are exact: they could stay on")

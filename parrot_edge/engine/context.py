@@ -44,7 +44,8 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
     params = llama.llama_context_default_params()
     params.n_seq_max = slots
     params.n_ctx = slots * ctx_per_slot
-    params.n_batch = prefill_chunk + 2 * slots  # a step's most: two rows per slot plus a prompt chunk
+    # A step's most: two rows per slot plus a prompt chunk, or (padded steps) four rows per slot.
+    params.n_batch = max(prefill_chunk + 2 * slots, 4 * slots)
     params.n_ubatch = min(UBATCH_ROWS, params.n_batch)
     params.kv_unified = False  # each slot owns its cells
     params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -58,9 +59,10 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
 
 class LlamaContext:
     def __init__(self, model_path: Path, *, slots: int, ctx_per_slot: int, prefill_chunk: int,
-                 threads: int | None = None, kv_type: str = "f16"):
+                 threads: int | None = None, kv_type: str = "f16", repack: bool = True):
         self.lib = llama = llamacpp.lib()
-        self.model = llamacpp.load_model(model_path, repack=llamacpp.repacking_is_exact(model_path))
+        self.repack = llamacpp.repack_policy(model_path, allow=repack)  # "exact", "padded" or "off"
+        self.model = llamacpp.load_model(model_path, repack=self.repack != "off")
         self.vocab = llama.llama_model_get_vocab(self.model)
         params = context_params(llama, slots=slots, ctx_per_slot=ctx_per_slot, prefill_chunk=prefill_chunk,
                                 threads=threads, kv_type=kv_type)

@@ -109,6 +109,7 @@ class EngineStats:
     batch_tokens: int = 0  # rows decoded
     decode_errors: int = 0
     isolated_steps: int = 0  # steps of one sequence alone, after a failed step, to find which one failed
+    throwaway_rows: int = 0  # rows evaluated only to fill a group of 4 for repacked weights (padding.py)
     cell_mismatches: int = 0  # steps after which a slot's tokens did not match its cells (Engine.verify_cells)
     reevaluated_tokens: int = 0  # cached tokens evaluated again, to the same values (exactness, joined runs)
     bridges: int = 0  # of those, idle slots that joined runs of working sequences

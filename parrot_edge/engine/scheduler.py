@@ -31,6 +31,7 @@ from parrot_edge import llamacpp
 from parrot_edge.engine.context import LlamaContext
 from parrot_edge.engine.exactness import SEQ_ROWS, StepShaper, Work
 from parrot_edge.engine.handoff import Outbox
+from parrot_edge.engine.padding import PaddedSteps, Shape
 from parrot_edge.engine.requests import (
     Delta,
     EngineState,
@@ -58,9 +59,9 @@ BURST_WINDOW = 0.010
 class Engine:
     def __init__(self, model_path: Path, *, name: str, slots: int, ctx_per_slot: int, threads: int | None = None,
                  prefill_chunk: int = 256, queue_size: int = 64, shelf_bytes: int = 64 * 2**20,
-                 kv_type: str = "f16", verify_cells: bool = False):
+                 kv_type: str = "f16", repack: bool = True, verify_cells: bool = False):
         self.context = LlamaContext(model_path, slots=slots, ctx_per_slot=ctx_per_slot,
-                                    prefill_chunk=prefill_chunk, threads=threads, kv_type=kv_type)
+                                    prefill_chunk=prefill_chunk, threads=threads, kv_type=kv_type, repack=repack)
         self.info = self.context.facts(name, model_path)
         self.control_texts = self.context.control_token_texts()  # what message text must never become
         self.slots_total = slots
@@ -75,6 +76,8 @@ class Engine:
         self.shelf = Shelf(shelf_bytes)
         self._reuse = Reuse(self._slots, self.shelf, self.stats)
         self._shaper = StepShaper(self._slots, self.context.ubatch_rows, self.ctx_per_slot, self.stats)
+        self._padded = (PaddedSteps(self._slots, self.context.ubatch_rows, prefill_chunk, self.stats)
+                        if self.context.repack == "padded" else None)
         self._waiting: collections.deque[Generation] = collections.deque()
         self._outbox = Outbox()
         self._wake = threading.Condition()
@@ -240,14 +243,24 @@ class Engine:
 
     def _step(self) -> None:
         self._end_or_borrow()
-        work = self._select_work()
+        work, shape = self._next_work()
         if not work:
             return
-        guesses = self._shaper.shape(work)
-        rows = self._fill_batch(work, guesses)
-        if self._decode(work, guesses):
+        rows = self._fill_batch(work, shape)
+        if self._decode(work, shape):
+            for seq_id, rows_after in shape.throwaway.items():
+                sequence = self._slots[seq_id].sequence
+                sequence.keep(len(sequence.tokens) - rows_after)
             self._suspects.difference_update(work)
-            self._sample(rows, guesses)
+            self._sample(rows, shape.guesses)
+
+    def _next_work(self) -> tuple[Work, Shape]:
+        """What this step evaluates and how it is laid out: by the padded rules with repacked Q4_K weights
+        (padding.py), else the default ones (exactness.py)."""
+        if self._padded is not None:
+            return self._padded.select({min(self._suspects)} if self._suspects else None)
+        work = self._select_work()
+        return work, Shape(guesses=self._shaper.shape(work) if work else {})
 
     def _end_or_borrow(self) -> None:
         """End what was cancelled or is out of time; let waiting borrowers copy what their lender now holds."""
@@ -289,22 +302,25 @@ class Engine:
             budget -= len(work[slot.seq_id])
         return work
 
-    def _fill_batch(self, work: Work, guesses: dict[int, int]) -> list[tuple[Slot, int]]:
+    def _fill_batch(self, work: Work, shape: Shape) -> list[tuple[Slot, int]]:
         """The batch, by sequence (llama.cpp micro-batches runs of consecutive sequences together); returns
-        (slot, batch index of its first row that wants logits) for every slot to sample."""
+        (slot, batch index of the row whose logits give its next token) for every slot to sample."""
         batch = self.context.batch
         batch.clear()
         rows = []
         for seq_id in sorted(work):
             slot, tokens = self._slots[seq_id], work[seq_id]
-            batch.add(tokens, slot.sequence.evaluating(tokens), seq_id)
-            if slot.generation is not None and not slot.pending:  # a sampled token or the prompt's last
-                first = batch.rows - 2 if seq_id in guesses else batch.rows - 1
+            first = batch.add(tokens, slot.sequence.evaluating(tokens), seq_id)
+            sample = first + shape.sample_row(seq_id, len(tokens))
+            if seq_id in shape.all_logits:
                 batch.want_logits(first, batch.rows)
-                rows.append((slot, first))
+            if slot.generation is not None and not slot.pending:  # a sampled token or the prompt's last
+                if seq_id not in shape.all_logits:
+                    batch.want_logits(sample, batch.rows)  # its row, and a guess's after it
+                rows.append((slot, sample))
         return rows
 
-    def _decode(self, work: Work, guesses: dict[int, int]) -> bool:
+    def _decode(self, work: Work, shape: Shape) -> bool:
         """One llama_decode. A failed step is undone; its sequences are tried again one by one (see
         _select_work), and only one that fails alone is ended."""
         rows = self.context.batch.rows
@@ -326,7 +342,7 @@ class Engine:
                 self._suspects.discard(seq_id)
                 self._end(slot, "error", error=message, keep_cache=False)
             else:  # undo the step for it: back to the cells before it, the same tokens to evaluate again
-                evaluated = tokens[:-1] if seq_id in guesses else tokens
+                evaluated = tokens[:shape.sample_row(seq_id, len(tokens)) + 1]  # no guess, no throwaway rows
                 slot.sequence.keep(len(slot.sequence.tokens) - len(tokens))
                 slot.pending[:0] = evaluated
                 self._suspects.add(seq_id)
