@@ -182,6 +182,16 @@ def _bench_commands(sub) -> None:
     p.add_argument("--build-llama-server", action="store_true",
                    help="build llama.cpp's llama-server and llama-batched-bench from the vendored source into the "
                         "cache if absent")
+    p = _command(bsub, "memory", "parrot_edge.bench.memory:bench_memory_command",
+                 "resident memory of a full server against the memory plan; what a small machine serves")
+    p.add_argument("--model")
+    p.add_argument("--model-shape", metavar="PRESET", help="as for bench single")
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--ctx", type=int, default=2048, help="context tokens per slot")
+    p.add_argument("--kv", choices=("f16", "q8_0"), default="f16", help="KV cache type of the measured server")
+    p.add_argument("--machine-gb", type=float, default=4, help="the small machine to plan for")
+    p.add_argument("--os-mb", type=int, default=600, help="what its OS and desktop keep for themselves")
+    p.add_argument("--no-tolerance", action="store_true", help="skip the q8_0-vs-f16 answer comparison")
     p = _command(bsub, "soak", "parrot_edge.bench.soak:bench_soak_command",
                  "well-behaved students streaming beside hostile clients, against a clean run of the same length")
     p.add_argument("--model")

@@ -1,0 +1,155 @@
+"""`parrot-edge bench memory`: what serving really takes, against the memory plan, and what a small machine holds.
+
+1. The plan for a machine of `--machine-gb` (4 by default: what is left after the OS, `--os-mb`, is what
+   `serve` may plan with): how many students it serves at each context, with f16 and with q8_0 keys/values.
+2. A real `parrot-edge serve` of the model with `--slots` × `--ctx`, every slot's context filled by a
+   prompt just short of it: its resident memory against the plan and against model + KV cache + 150 MB.
+3. What a q8_0 KV cache costs in answers: the engine's context with f16 and with q8_0 keys/values on the
+   default model's real weights (a random model's logits mean nothing), over the verification texts:
+   max |Δlogit|, top-1 agreement, mean KL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from parrot_edge.bench.serving import Server, bench_model, free_port, student_address
+from parrot_edge.engine.memory import KV_SCALE, plan_memory, read_model_shape
+from parrot_edge.errors import ParrotEdgeError
+
+CONTEXTS = (1024, 2048, 4096)
+
+
+def bench_memory_command(args) -> int:
+    gguf = bench_model(args)
+    shape = read_model_shape(gguf)
+    _small_machine(shape, args)
+    measured, planned = _measure_serving(gguf, shape, args)
+    base = shape.file_size + round(args.slots * args.ctx * shape.kv_bytes_per_token * KV_SCALE[args.kv])
+    print(f"\nserve {gguf.name}, {args.slots} slots × {args.ctx} tokens, {args.kv} KV cache, every context filled:")
+    print(f"  resident {measured / 1e6:,.0f} MB; planned {planned / 1e6:,.0f} MB "
+          f"({'within' if measured <= planned else 'OVER'} the plan); model + KV cache {base / 1e6:,.0f} MB, "
+          f"so {(measured - base) / 1e6:,.0f} MB more ({'within' if measured - base <= 150e6 else 'over'} 150 MB)")
+    if not args.no_tolerance:
+        _kv_tolerance()
+    return 0
+
+
+def _small_machine(shape, args) -> None:
+    available = args.machine_gb * 1e9 - args.os_mb * 1e6
+    print(f"A {args.machine_gb:g} GB machine ({available / 1e6:,.0f} MB left after {args.os_mb} MB for the OS), "
+          f"{shape.path.name}: students served at once (the plan's most, up to 64)")
+    for kv in KV_SCALE:
+        row = []
+        for ctx in (c for c in CONTEXTS if c <= shape.n_ctx_train):
+            most = max((n for n in range(1, 65) if _fits(shape, n, ctx, available, kv)), default=0)
+            row.append(f"{ctx} tokens: {most}")
+        print(f"  {kv:>5} KV cache   " + ", ".join(row))
+
+
+def _fits(shape, slots: int, ctx: int, available: float, kv: str) -> bool:
+    try:
+        plan_memory(shape, slots=slots, ctx_per_slot=ctx, available=int(available), shelf=64 * 2**20, kv_type=kv)
+    except ParrotEdgeError:
+        return False
+    return True
+
+
+def _measure_serving(gguf: Path, shape, args) -> tuple[int, int]:
+    """(resident bytes with every context filled, the plan's bytes) of a real server; the KV cache type goes
+    through the environment, as a deployment would set it."""
+    import os
+    import subprocess
+
+    port = free_port()
+    env = {**os.environ, "PARROT_EDGE_KV_CACHE_TYPE": args.kv}
+    server = Server("parrot-edge", [sys.executable, "-m", "parrot_edge", "serve", "--model", str(gguf), "--port",
+                                    str(port), "--slots", str(args.slots), "--ctx", str(args.ctx)], port)
+    with tempfile.TemporaryDirectory(prefix="parrot-edge-memory-") as workdir:
+        server.log = Path(workdir) / "server.log"
+        with open(server.log, "wb") as log:
+            server.process = subprocess.Popen(server.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_healthy(server)
+            planned = _planned(server.log)
+            print(f"filling {args.slots} contexts of {args.ctx} tokens (a few minutes at 1.1B)…", file=sys.stderr)
+            asyncio.run(_fill(server.url, args.slots, args.ctx))
+            return psutil.Process(server.process.pid).memory_info().rss, planned
+        finally:
+            server.stop()
+
+
+def _wait_healthy(server: Server, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ParrotEdgeError(f"the server exited: {server.log.read_text()[-600:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise ParrotEdgeError("the server did not become ready")
+
+
+def _planned(log: Path) -> int:
+    """The plan `serve` printed ("… = N MB, of …")."""
+    line = next(line for line in log.read_text().splitlines() if "memory plan:" in line)
+    return int(line.split(" = ")[1].split(" MB")[0].replace(",", "")) * 1_000_000
+
+
+async def _fill(url: str, slots: int, ctx: int) -> None:
+    async with httpx.AsyncClient(timeout=3600) as client:
+        model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+
+        async def one(s: int) -> None:
+            # ~1 token per word; the answer's 8 tokens end just short of the context
+            prompt = " ".join(f"w{(s * 7919 + i) % 997}" for i in range((ctx - 96) // 3))
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address=student_address(s)),
+                                         timeout=3600) as own:
+                response = await own.post(url + "/v1/completions", json={"model": model, "prompt": prompt,
+                                                                          "max_tokens": 8, "temperature": 0})
+                usage = response.json().get("usage", {})
+                print(f"  slot {s}: {usage.get('prompt_tokens')} prompt tokens", file=sys.stderr)
+        await asyncio.gather(*(one(s) for s in range(slots)))
+
+
+def _kv_tolerance() -> None:
+    from parrot_edge.bench.serving import _model_path
+    from parrot_edge.converters.verify import TEXTS, compare
+    from parrot_edge.engine.context import LlamaContext
+
+    gguf = _model_path(None)
+    figures = {}
+    for kv in ("f16", "q8_0"):
+        context = LlamaContext(gguf, slots=1, ctx_per_slot=512, prefill_chunk=256, kv_type=kv)
+        try:
+            tokens = [context.tokenize(text, add_special=True)[:256] for text in TEXTS]
+            figures[kv] = [_all_logits(context, t) for t in tokens]
+        finally:
+            context.close()
+    result = compare(figures["f16"], figures["q8_0"], tokens)
+    print(f"\nq8_0 vs f16 KV cache, {gguf.name}, {sum(map(len, tokens))} tokens of the verification texts: "
+          f"max |Δlogit| {result['max_abs_dlogit']:.3f}, top-1 agreement {result['top1_agreement']:.1%}, "
+          f"mean KL {result['mean_kl']:.2e}")
+
+
+def _all_logits(context, tokens: list[int]):
+    import numpy as np
+
+    lib = context.lib
+    lib.llama_memory_clear(context.memory, True)
+    context.batch.clear()
+    context.batch.add(tokens, 0, 0, logits=True)
+    if context.decode() != 0:
+        raise ParrotEdgeError("llama_decode failed while measuring the KV cache's tolerance")
+    n_vocab = lib.llama_vocab_n_tokens(context.vocab)
+    return np.ctypeslib.as_array(lib.llama_get_logits(context.ctx), shape=(len(tokens), n_vocab)).copy()
