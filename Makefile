@@ -16,16 +16,24 @@ LLAMA_CPP_SDIST := llama-cpp-python==0.3.36
 
 .PHONY: serve test lint venv test-tools portable-llama
 
+# llama.cpp's AMX kernels (Xeon Sapphire Rapids and later) crash in ggml_backend_amx_mul_mat on quantised
+# models (llama.cpp issue 20824; reproduced on this project's CI machine with every quantised test model), and
+# pip's build compiles for the building CPU: on x86 it is told to leave AMX out (AVX-512 and the rest stay).
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_BUILD_ENV := CFLAGS="$(NO_AMX) $(CFLAGS)" CXXFLAGS="$(NO_AMX) $(CXXFLAGS)"
+endif
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[server,kiosk]'
+	$(LLAMA_BUILD_ENV) $(BIN)/pip install --quiet -e '.[server,kiosk]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(LLAMA_BUILD_ENV) $(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
 $(WHEELHOUSE)/.ready: Makefile | $(BIN)/python

@@ -159,13 +159,19 @@ build_release() {
 link_cpu_backends() {
     # The portable llama.cpp build has one CPU backend per processor generation (libggml-cpu-haswell.so,
     # …-sse42.so, …) and picks the best this CPU can run at start-up. It looks for them in the running
-    # executable's directory: the copied python in <release>/bin.
+    # executable's directory: the copied python in <release>/bin. All but the AMX one (sapphirerapids): llama.cpp's
+    # AMX kernels crash on quantised models (llama.cpp issue 20824), so such a Xeon takes the AVX-512 variant.
     site_packages=$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_path("platlib"))')
     if ! ls "$site_packages"/bin/libggml-cpu-*.so >/dev/null 2>&1; then
         say "llama.cpp's CPU backends are missing from the installed llama-cpp-python"
         return 1
     fi
-    ln -sf "$site_packages"/bin/libggml-cpu-*.so "$1/bin/"
+    for backend in "$site_packages"/bin/libggml-cpu-*.so; do
+        case $backend in
+            *-sapphirerapids.so) ;;
+            *) ln -sf "$backend" "$1/bin/" ;;
+        esac
+    done
 }
 
 switch_release() {

@@ -58,6 +58,16 @@ def lib():
     return llama_cpp
 
 
+@cache
+def amx_build() -> bool:
+    """Whether this llama.cpp was compiled with its AMX kernels (a -march=native build on a Xeon of the Sapphire
+    Rapids generation or later). They crash in ggml_backend_amx_mul_mat on quantised models (llama.cpp issue
+    20824; reproduced on this project's CI machine with every quantised test model), and they come in as an
+    "extra buffer type", so such a build loads weights without any (see load_model): slower, never a crash.
+    The Makefile builds without AMX, and the portable bundle does not install its AMX variant."""
+    return "AMX_INT8 = 1" in lib().llama_print_system_info().decode(errors="replace")
+
+
 def recent_log(lines: int = 6) -> str:
     """The last warning/error-looking lines llama.cpp printed, for error messages."""
     with _recent_lock:
@@ -69,12 +79,13 @@ def recent_log(lines: int = 6) -> str:
 
 def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = True, repack: bool = True):
     """Load a GGUF with llama.cpp; returns the `llama_model` pointer or raises a clear error. `repack=False`
-    keeps the weights in their file layout (no "extra buffer types"): see `repack_policy`."""
+    keeps the weights in their file layout (no "extra buffer types"): see `repack_policy`, and `amx_build`,
+    which rules them out."""
     llama = lib()
     params = llama.llama_model_default_params()
     params.vocab_only = vocab_only
     params.use_mmap = use_mmap
-    params.use_extra_bufts = repack
+    params.use_extra_bufts = repack and not amx_build()
     model = llama.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise ParrotEdgeError(f"llama.cpp could not load {path}: {recent_log() or 'no reason given'}")
@@ -88,7 +99,8 @@ def repack_policy(path: Path, allow: bool = True) -> str:
     "padded" repacked weights whose row results depend on the row's place in its micro-batch (Q4_K, Q2_K on
              x86): exact only with the engine's padded steps (parrot_edge/engine/padding.py);
     "off"    weights kept in their file layout: K- and i-quants elsewhere than x86 (their repacked kernels
-             there are other, unmeasured ones), or `allow=False` (the repacked_weights = "off" setting)."""
+             there are other, unmeasured ones), `allow=False` (the repacked_weights = "off" setting), or a
+             build with AMX kernels (`amx_build`), which loads no model repacked."""
     import platform
 
     import gguf
@@ -99,7 +111,7 @@ def repack_policy(path: Path, allow: bool = True) -> str:
     variant = any(name.startswith(BATCH_VARIANT_TYPE_PREFIXES) for name in types)
     if not variant:
         return "exact"
-    if not allow or platform.machine() not in ("x86_64", "AMD64"):
+    if not allow or amx_build() or platform.machine() not in ("x86_64", "AMD64"):
         return "off"
     return "padded" if types & set(PADDED_REPACK_TYPES) else "exact"
 

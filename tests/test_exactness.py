@@ -142,6 +142,16 @@ def test_repacked_k_quants_are_why_the_engine_pads_their_steps(default_gguf, req
             pytest.skip("this llama.cpp build's repacked K-quant kernels are exact: they could stay on")
 
 
+def test_a_build_with_amx_kernels_loads_nothing_repacked(requantized_gguf, monkeypatch):
+    """llama.cpp's AMX kernels crash on quantised models; the development build leaves them out, and a build
+    that has them (e.g. an older cached wheel) gets no extra buffer types at all."""
+    info = llamacpp.lib().llama_print_system_info().decode()
+    if "AMX_INT8 = 1" in info:
+        pytest.fail("this llama-cpp-python was compiled with AMX kernels: rebuild it as the Makefile does")
+    monkeypatch.setattr(llamacpp, "amx_build", lambda: True)
+    assert llamacpp.repack_policy(requantized_gguf("q4_k_m")) == "off"
+
+
 def test_lone_long_rows_follows_llama_cpp_micro_batches():
     long, short, ubatch = SPLIT_KV_CELLS, 10, 256
     assert lone_long_rows({0: (long, 1)}, ubatch) == [0]  # one student alone, deep into a conversation
