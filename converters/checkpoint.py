@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from parrot_edge.converters.reference import Reference
+
 if TYPE_CHECKING:
     from parrot_edge.converters.tokenizer import TokenizerHints
 
@@ -66,6 +68,10 @@ class Checkpoint(Protocol):
         """Every tensor of the GGUF, in writing order, each loaded only when asked for."""
         ...
 
+    # The checkpoint's own function, layer by layer (converters/reference.py): verification runs it whole,
+    # calibration one layer at a time
+    reference: Reference
+
     def reference_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """The checkpoint's own function: logits [batch, time, n_vocab] (float32) for token ids [batch, time]."""
         ...
@@ -84,7 +90,7 @@ class MappedCheckpoint:
     parameter_count: int
     metadata: dict[str, Any]
     tensors: list[GGUFTensor]
-    forward: Callable[[torch.Tensor], torch.Tensor]
+    reference: Reference
     approximations: list[str] = field(default_factory=list)
 
     def gguf_metadata(self) -> dict[str, Any]:
@@ -94,4 +100,4 @@ class MappedCheckpoint:
         return self.tensors
 
     def reference_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.forward(tokens)
+        return self.reference.logits(tokens)

@@ -21,12 +21,14 @@ def convert_command(args) -> int:
 
     quant = check_quant(args.quant)
     check_output(args.output)
-    texts = read_texts(args.text)  # a bad --text fails now, not after converting
+    texts = read_texts(args.text)  # a bad --text or --calibrate fails now, not after converting
+    calibration = _calibration(args, quant)
     checkpoint, vocabulary = open_source(args.source, args.family, args.model_config, args.tokenizer)
     with _terminate_means_interrupt():
         manifest = convert(checkpoint, vocabulary, args.output, quant, name=args.name, license=args.license,
-                           threads=args.threads, strict=args.strict)
-    print(f"wrote {args.output} ({manifest.size / 1e6:.1f} MB, {quant.upper()}, "
+                           threads=args.threads, strict=args.strict, calibration=calibration)
+    calibrated = f", calibrated on {manifest.calibration.text}" if manifest.calibration else ""
+    print(f"wrote {args.output} ({manifest.size / 1e6:.1f} MB, {quant.upper()}{calibrated}, "
           f"{manifest.parameters / 1e6:.1f} M parameters, tokenizer {manifest.tokenizer}) "
           f"and {manifest_path_for(args.output).name}")
     if not args.verify and not checkpoint.approximations:
@@ -41,6 +43,25 @@ def convert_command(args) -> int:
     if not report.figures.passed:
         raise VerificationFailed(f"{args.output} failed verification (it is kept, and its manifest records why)")
     return 0
+
+
+def _calibration(args, quant: str):
+    """The text to calibrate on: --calibrate FILE, else the built-in one for the 4-bit types; none with
+    --no-calibrate, or for types that no importance matrix changes (said, when --calibrate asked for it)."""
+    from parrot_edge.converters.calibration import built_in, read_calibration
+    from parrot_edge.converters.convert import say
+    from parrot_edge.converters.quants import CALIBRATED_BY_DEFAULT, DIRECT_QUANTS, NOT_CALIBRATED
+
+    if args.no_calibrate:
+        return None
+    if args.calibrate is not None:
+        calibration = read_calibration(args.calibrate)
+        if quant in DIRECT_QUANTS or quant in NOT_CALIBRATED:
+            say(f"note: --calibrate has no effect on {quant.upper()}: "
+                + ("it is written exactly" if quant in DIRECT_QUANTS else "its quantiser takes no importance matrix"))
+            return None
+        return calibration
+    return built_in() if quant in CALIBRATED_BY_DEFAULT else None
 
 
 def verify_command(args) -> int:

@@ -2,10 +2,13 @@
 
 1. open the checkpoint (its family checks keys and shapes against the config) and its tokenizer;
 2. hash the source weights (the GGUF and the manifest record which checkpoint they came from);
-3. F32/F16/BF16: stream the tensors straight into the output. Q8_0/Q4_0/Q4_K_M/Q5_K_M: stream them
-   into an intermediate GGUF that holds the checkpoint's values exactly (F32, or its own F16/BF16) in the
-   output directory, and let llama.cpp's quantiser write the output from it;
-4. rename the finished file into place, then write the manifest beside it.
+3. F32/F16/BF16: stream the tensors straight into the output (calibration never touches them). Q8_0, the
+   4-bit types, Q5_K_M: with a calibration text, measure the importance matrix in the reference forward
+   (converters/importance.py); stream the tensors into an intermediate GGUF that holds the checkpoint's values
+   exactly (F32, or its own F16/BF16) in the output directory, and let llama.cpp's quantiser write the output
+   from it, weighting its rounding by the importance matrix;
+4. rename the finished file into place, then write the manifest beside it (with the calibration text's name
+   and sha256).
 """
 
 from __future__ import annotations
@@ -16,19 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from parrot_edge import __version__
+from parrot_edge.converters.calibration import CalibrationText
 from parrot_edge.converters.checkpoint import Checkpoint
 from parrot_edge.converters.errors import BadInput
 from parrot_edge.converters.families import open_checkpoint
 from parrot_edge.converters.gguf_writer import write_gguf
 from parrot_edge.converters.quantize import describe_fallbacks, fallbacks, quantize
-from parrot_edge.converters.quants import DIRECT_QUANTS, QUANT_CHOICES
+from parrot_edge.converters.quants import DIRECT_QUANTS, NOT_CALIBRATED, QUANT_CHOICES
 from parrot_edge.converters.tokenizer import Vocabulary, find_tokenizer, load_vocabulary
 from parrot_edge.converters.weights import source_sha256
 from parrot_edge.files import leftovers_beside, replaced_atomically, temp_file_beside
-from parrot_edge.store.manifest import ModelManifest, manifest_path_for, model_name, sha256_file
+from parrot_edge.store.manifest import Calibration, ModelManifest, manifest_path_for, model_name, sha256_file
 
 DIRECT_TYPES = {quant: gguf.GGMLQuantizationType[name] for quant, name in DIRECT_QUANTS.items()}
 
@@ -75,9 +81,12 @@ def check_exactness(checkpoint: Checkpoint, strict: bool, progress: Callable[[st
 
 def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant: str, *, name: str | None = None,
             license: str | None = None, threads: int | None = None, strict: bool = False,
-            progress: Callable[[str], None] = say) -> ModelManifest:
-    """Write `output` (and its manifest) from an opened checkpoint; returns the manifest."""
+            calibration: CalibrationText | None = None, progress: Callable[[str], None] = say) -> ModelManifest:
+    """Write `output` (and its manifest) from an opened checkpoint; returns the manifest. `calibration`: the text
+    llama.cpp's quantiser is calibrated on (ignored for F32/F16/BF16, which are written exactly)."""
     quant = check_quant(quant)
+    if quant in DIRECT_TYPES or quant in NOT_CALIBRATED:
+        calibration = None
     check_output(output)
     check_exactness(checkpoint, strict, progress)
     source = checkpoint.source
@@ -99,10 +108,15 @@ def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant:
         if quant in DIRECT_TYPES:
             write_gguf(partial, checkpoint.arch, metadata, tensors, DIRECT_TYPES[quant], f"writing {quant.upper()}")
         else:
+            importance = calibrate(checkpoint, vocabulary, calibration, threads, progress) if calibration else None
+            if importance:  # llama-quantize's keys: the quantiser copies them into the output
+                metadata |= {"quantize.imatrix.dataset": calibration.name,
+                             "quantize.imatrix.entries_count": len(importance)}
             with temp_file_beside(output, "unquantised") as intermediate:
                 write_gguf(intermediate, checkpoint.arch, metadata, tensors, None, "writing")
-                progress(f"quantising to {quant.upper()} with llama.cpp")
-                quantize(intermediate, partial, quant, threads)
+                progress(f"quantising to {quant.upper()} with llama.cpp"
+                         + (f", calibrated on {calibration.name}" if importance else ""))
+                quantize(intermediate, partial, quant, threads, importance=importance)
             if found := fallbacks(partial, quant):
                 progress(f"note: {describe_fallbacks(found, quant)}")
 
@@ -113,9 +127,24 @@ def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant:
         tokenizer=vocabulary.metadata["tokenizer.ggml.model"], license=license or source.license,
         source=f"{source.family}:{source.path.name}", source_sha256=source_hash,
         exact=not checkpoint.approximations, approximations=list(checkpoint.approximations) or None,
+        calibration=Calibration(text=calibration.name, sha256=calibration.sha256) if calibration else None,
     )
     manifest.write(manifest_path_for(output))
     return manifest
+
+
+def calibrate(checkpoint: Checkpoint, vocabulary: Vocabulary, calibration: CalibrationText, threads: int | None,
+              progress: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """The importance matrix of the checkpoint on the calibration text (converters/importance.py)."""
+    from parrot_edge.converters.calibration import token_windows
+    from parrot_edge.converters.importance import importance_matrix
+
+    windows = token_windows(vocabulary.encode, calibration.text, checkpoint.context_length)
+    progress(f"calibrating on {calibration.name}: {sum(map(len, windows))} tokens in {len(windows)} windows, "
+             "through the reference forward one layer at a time")
+    if threads:
+        torch.set_num_threads(threads)
+    return importance_matrix(checkpoint, windows)
 
 
 def gguf_metadata(checkpoint: Checkpoint, vocabulary: Vocabulary, name: str, license: str | None,

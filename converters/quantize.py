@@ -12,6 +12,7 @@ import ctypes
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from parrot_edge.converters.quants import LLAMA_CPP_QUANTS, SMALL_BLOCK_4BIT
 from parrot_edge.errors import ParrotEdgeError
@@ -23,16 +24,36 @@ LLAMA_CPP_FTYPES = {quant: (gguf.LlamaFileType[ftype], gguf.GGMLQuantizationType
                     for quant, (ftype, matrix_type) in LLAMA_CPP_QUANTS.items()}
 
 
-def quantize(source: Path, target: Path, quant: str, threads: int | None = None, requantize: bool = False) -> None:
+def quantize(source: Path, target: Path, quant: str, threads: int | None = None, requantize: bool = False,
+             importance: dict[str, np.ndarray] | None = None) -> None:
     """Quantise the F32/F16/BF16 GGUF `source` into `target` with llama.cpp's default recipe for `quant`
-    (`requantize`: from an already quantised GGUF too, at a loss of quality)."""
+    (`requantize`: from an already quantised GGUF too, at a loss of quality), weighting each value's rounding
+    error by `importance` (tensor name → one float32 per input column: converters/importance.py) if given."""
     llama = lib()
     params = llama.llama_model_quantize_default_params()  # layout must match the bundled library: start here
     params.ftype = int(LLAMA_CPP_FTYPES[quant][0])
     params.allow_requantize = requantize
     params.nthread = threads or 0  # 0: all cores
+    entries, _alive = _imatrix_entries(llama, importance or {})
+    if importance:
+        params.imatrix = entries
     if llama.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise ParrotEdgeError(f"llama.cpp could not quantise to {quant}: {recent_log() or 'no reason given'}")
+
+
+def _imatrix_entries(llama, importance: dict[str, np.ndarray]):
+    """llama_model_quantize_params.imatrix as llama.h declares it (since the C API replaced the C++ map): an
+    array of {name, data, size} ended by a NULL name, which llama.cpp copies before quantising. Returned with
+    the arrays its pointers point into, which must outlive the call."""
+    entries = (llama.llama_model_imatrix_data * (len(importance) + 1))()  # zeroed: the last one ends it
+    alive = []
+    for entry, (name, values) in zip(entries, sorted(importance.items()), strict=False):
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        alive.append(values)
+        entry.name = name.encode()
+        entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = values.size
+    return entries, alive
 
 
 def fallbacks(path: Path, quant: str) -> list[tuple[str, str]]:

@@ -15,9 +15,14 @@ LLAMA_CPP_QUANTS: dict[str, tuple[str, str]] = {
     "q4_0": ("MOSTLY_Q4_0", "Q4_0"),
     "q4_1": ("MOSTLY_Q4_1", "Q4_1"),
     "iq4_nl": ("MOSTLY_IQ4_NL", "IQ4_NL"),  # 4.5 bits like Q4_0, a non-linear grid: closer, no imatrix needed
+    "iq4_xs": ("MOSTLY_IQ4_XS", "IQ4_XS"),  # IQ4_NL's grid in 256-value super-blocks: 4.25 bits
     "q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K"),
     "q5_k_m": ("MOSTLY_Q5_K_M", "Q5_K"),
 }
 QUANT_CHOICES: tuple[str, ...] = (*DIRECT_QUANTS, *LLAMA_CPP_QUANTS)
 # 4-bit types of 32-value blocks: what a model whose rows do not divide into 256 should use instead of K-quants
 SMALL_BLOCK_4BIT = ("q4_0", "q4_1", "iq4_nl")
+# Calibrated unless --no-calibrate (converters/importance.py): the 4-bit types, where rounding costs the most
+CALIBRATED_BY_DEFAULT = ("q4_0", "q4_1", "iq4_nl", "iq4_xs", "q4_k_m")
+# ggml's Q8_0 quantiser takes no importance matrix (quantize_q8_0 ignores it): --calibrate cannot change it
+NOT_CALIBRATED = ("q8_0",)

@@ -69,7 +69,14 @@ def _converter_commands(sub) -> None:
     _add_convert_source_args(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="output .gguf path")
     p.add_argument("--quant", default="f16", help=f"output type: {', '.join(QUANT_CHOICES)} (default f16; 4-bit: "
-                                                  "q4_k_m where every row divides into 256, else q4_0 / q4_1 / iq4_nl)")
+                                                  "q4_k_m or iq4_xs where every row divides into 256, else q4_0 / "
+                                                  "q4_1 / iq4_nl)")
+    calibration = p.add_mutually_exclusive_group()
+    calibration.add_argument("--calibrate", type=Path, metavar="FILE",
+                             help="calibrate the quantiser on this UTF-8 text (default for the 4-bit types: the "
+                                  "built-in English and Spanish school text; also for q5_k_m when given)")
+    calibration.add_argument("--no-calibrate", action="store_true",
+                             help="quantise without calibration (llama.cpp's plain recipe)")
     p.add_argument("--name", help="model name for metadata and manifest (default: from the output file)")
     p.add_argument("--license", help="license to record (e.g. apache-2.0)")
     p.add_argument("--verify", action="store_true", help="compare the GGUF with the checkpoint afterwards "
@@ -147,7 +154,7 @@ def _deploy_commands(sub) -> None:
 
 
 def _bench_commands(sub) -> None:
-    """bench convert/single/classroom/soak (and what else registers here)."""
+    """bench convert/quant/single/classroom/soak (and what else registers here)."""
     bench = _command(sub, "bench", "", "benchmarks against the incumbent tools, measured in one run")
     bsub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True)
     p = _command(bsub, "convert", "parrot_edge.bench.conversion:bench_convert_command",
@@ -155,10 +162,23 @@ def _bench_commands(sub) -> None:
     p.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: rebuilt from the "
                                                         "default model's GGUF, or from --gguf)")
     p.add_argument("--gguf", type=Path, help="a `llama` GGUF to rebuild the default source from")
+    p.add_argument("--model-shape", metavar="PRESET",
+                   help="a random checkpoint of this size (e.g. tiny_LLaMA_1b: ParrotAI-1.1B), built once: parrot-edge "
+                        "converts its training checkpoint, llama.cpp its HF twin")
     p.add_argument("--parakeet", action="store_true",
                    help="measure a Parakeet-shaped checkpoint (378M, random weights) instead: time and peak RSS")
     p.add_argument("--tokenizer", type=Path, help="cl100k_base.tiktoken for --parakeet (default: the test wheelhouse)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both tools (default 2)")
+    p.add_argument("--threads", type=int, help="CPU threads for the perplexity runs")
+    p = _command(bsub, "quant", "parrot_edge.bench.quant:bench_quant_command",
+                 "4-bit quality: F16, plain and calibrated Q4_K_M / IQ4_XS, llama.cpp's imatrix pipeline")
+    p.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: rebuilt from the "
+                                                        "default model's GGUF, or from --gguf)")
+    p.add_argument("--gguf", type=Path, help="a `llama` GGUF to rebuild the default source from")
+    p.add_argument("--calibrate", type=Path, metavar="FILE", help="calibration text for both parrot-edge and "
+                                                                  "llama-imatrix (default: the built-in one)")
+    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens to measure perplexity on")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every pipeline (default 2)")
     p.add_argument("--threads", type=int, help="CPU threads for the perplexity runs")
     p = _command(bsub, "single", "parrot_edge.bench.serving:bench_single_command",
                  "one-student decode speed: raw llama.cpp, parrot-edge, llama-cpp-python's server")

@@ -112,6 +112,9 @@ def test_the_stick_holds_everything_with_its_checksums(stick):
         libraries = llama.namelist()
     assert len([name for name in libraries if name.startswith("bin/libggml-cpu-")]) >= 8, "one per CPU generation"
     assert "llama_cpp/lib/libgomp.so.1" in libraries, "the OpenMP runtime, which school computers may lack"
+    with zipfile.ZipFile(next((stick / "wheels").glob("parrot_edge-*.whl"))) as ours:
+        files = ours.namelist()
+    assert {"parrot_edge/converters/calibration/school-en-es.txt", "parrot_edge/kiosk/app.tcss"} <= set(files)
 
 
 def test_a_model_from_this_computers_store_goes_on_the_stick_with_its_manifest(default_gguf, tmp_path):

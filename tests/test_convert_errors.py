@@ -120,7 +120,7 @@ def test_truncated_safetensors(hf_dir):
 
 def test_unknown_quant_type():
     with pytest.raises(BadInput, match="unknown quant type 'q3_k'; choose one of f32, f16, bf16, q8_0, q4_0, "
-                                       "q4_1, iq4_nl, q4_k_m, q5_k_m"):
+                                       "q4_1, iq4_nl, iq4_xs, q4_k_m, q5_k_m"):
         check_quant("q3_k")
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from parrot_edge.converters.checkpoint import GGUFTensor, SourceInfo
 from parrot_edge.converters.errors import BadInput
+from parrot_edge.converters.reference import ATTN_IN, ATTN_OUT, FFN_HIDDEN, FFN_IN, Observe, Reference, Weight
 
 # -- config
 
@@ -152,6 +153,8 @@ class LlamaCheckpoint:
         self.context_length = config.context_length
         self.parameter_count = sum(math.prod(shape) for shape in tensor_shapes(config).values())
         self.approximations: list[str] = []  # every Llama-style checkpoint maps exactly
+        # the checkpoint's function; a family whose checkpoint computes something else replaces it (ParrotLLM)
+        self.reference = Reference(LlamaForward(config), lambda name: self.tensors[name].load().float())
 
     def gguf_metadata(self) -> dict[str, Any]:
         return gguf_metadata(self.config)
@@ -167,7 +170,7 @@ class LlamaCheckpoint:
         return out
 
     def reference_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return llama_logits(self.config, lambda name: self.tensors[name].load().float(), tokens)
+        return self.reference.logits(tokens)
 
 
 def _permuted(load: Callable[[], torch.Tensor], n_heads: int) -> Callable[[], torch.Tensor]:
@@ -195,32 +198,51 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-@torch.inference_mode()
-def llama_logits(config: LlamaConfig, weight: Callable[[str], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """Logits [batch, time, n_vocab] for token ids [batch, time]; `weight(name)` returns a float32 tensor."""
-    batch, length = tokens.shape
-    hd, n_head, n_kv = config.head_dim, config.n_head, config.n_kv_head
-    cos, sin = rope_tables(config, length)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+@dataclass(frozen=True)
+class LlamaForward:
+    """The Llama forward (converters/reference.py's LayeredForward) over weights named as the `llama` GGUF's."""
 
-    x = weight("token_embd.weight")[tokens]
-    for i in range(config.n_layer):
-        def w(part: str, i: int = i) -> torch.Tensor:
+    config: LlamaConfig
+
+    @property
+    def n_layer(self) -> int:
+        return self.config.n_layer
+
+    @property
+    def output_key(self) -> str:
+        return "token_embd.weight" if self.config.tied_embeddings else "output.weight"
+
+    def embed(self, weight: Weight, tokens: torch.Tensor) -> torch.Tensor:
+        return weight("token_embd.weight")[tokens]
+
+    def block(self, weight: Weight, i: int, x: torch.Tensor, observe: Observe) -> torch.Tensor:
+        config = self.config
+        batch, length, _ = x.shape
+        hd, n_head, n_kv = config.head_dim, config.n_head, config.n_kv_head
+        cos, sin = rope_tables(config, length)
+
+        def w(part: str) -> torch.Tensor:
             return weight(f"blk.{i}.{part}.weight")
 
         h = rms_norm(x, w("attn_norm"), config.norm_eps)
+        observe(ATTN_IN, h)
         q = (h @ w("attn_q").T).view(batch, length, n_head, hd).transpose(1, 2)
         k = (h @ w("attn_k").T).view(batch, length, n_kv, hd).transpose(1, 2)
         v = (h @ w("attn_v").T).view(batch, length, n_kv, hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         # grouped-query attention: query head j reads key/value head j // (n_head // n_kv)
         k, v = k.repeat_interleave(n_head // n_kv, dim=1), v.repeat_interleave(n_head // n_kv, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / hd**0.5
-        attention = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
-        x = x + attention.transpose(1, 2).reshape(batch, length, n_head * hd) @ w("attn_output").T
+        # softmax(q·kᵀ/√hd, causal)·v, fused: a [time, time] score matrix per head is never stored
+        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attention = attention.transpose(1, 2).reshape(batch, length, n_head * hd)
+        observe(ATTN_OUT, attention)
+        x = x + attention @ w("attn_output").T
 
         h = rms_norm(x, w("ffn_norm"), config.norm_eps)
-        x = x + (F.silu(h @ w("ffn_gate").T) * (h @ w("ffn_up").T)) @ w("ffn_down").T
+        observe(FFN_IN, h)
+        hidden = F.silu(h @ w("ffn_gate").T) * (h @ w("ffn_up").T)
+        observe(FFN_HIDDEN, hidden)
+        return x + hidden @ w("ffn_down").T
 
-    x = rms_norm(x, weight("output_norm.weight"), config.norm_eps)
-    return x @ weight("token_embd.weight" if config.tied_embeddings else "output.weight").T
+    def final(self, weight: Weight, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight("output_norm.weight"), self.config.norm_eps)

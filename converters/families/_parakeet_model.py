@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from parrot_edge.converters.architectures import mpt
 from parrot_edge.converters.architectures.llama import LlamaConfig
 from parrot_edge.converters.checkpoint import GGUFTensor
+from parrot_edge.converters.reference import ATTN_IN, ATTN_OUT, FFN_HIDDEN, FFN_IN, Observe, Weight
 
 LAYER_NORM_EPS = 1e-5
 # main.py's ParakeetConfig for the published model; the file name repeats most of it
@@ -87,31 +88,53 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return F.layer_norm(x, weight.shape, weight, bias, LAYER_NORM_EPS)
 
 
-@torch.inference_mode()
-def parakeet_logits(layout: Layout, weight: Callable[[str], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """Logits [batch, time, n_vocab] for token ids [batch, time]."""
-    batch, length = tokens.shape
-    heads, hd, d = layout.n_head, layout.head_dim, layout.n_embd
-    wte = weight("transformer.wte.weight")
-    x = layer_norm(wte[tokens], weight("transformer.wte.norm.weight"), weight("transformer.wte.norm.bias"))
-    positions = torch.arange(length, dtype=torch.float32)
-    distance = positions[None, :] - positions[:, None]  # j − i: ≤ 0 where a query may look
-    bias = parakeet_slopes(heads)[:, None, None] * distance
-    bias = bias.masked_fill(distance > 0, float("-inf"))
-    for i in range(layout.n_layer):
-        def w(part: str, i: int = i) -> torch.Tensor:
+@dataclass(frozen=True)
+class ParakeetForward:
+    """Parakeet's forward (converters/reference.py's LayeredForward, over its own keys)."""
+
+    layout: Layout
+    output_key = "transformer.wte.weight"  # tied: logits against the raw embedding
+
+    @property
+    def n_layer(self) -> int:
+        return self.layout.n_layer
+
+    def embed(self, weight: Weight, tokens: torch.Tensor) -> torch.Tensor:
+        return layer_norm(weight("transformer.wte.weight")[tokens], weight("transformer.wte.norm.weight"),
+                          weight("transformer.wte.norm.bias"))
+
+    def block(self, weight: Weight, i: int, x: torch.Tensor, observe: Observe) -> torch.Tensor:
+        batch, length, _ = x.shape
+        heads, hd, d = self.layout.n_head, self.layout.head_dim, self.layout.n_embd
+
+        def w(part: str) -> torch.Tensor:
             return weight(f"transformer.h.{i}.{part}.weight")
 
         h = layer_norm(x, w("ln_1"))
+        observe(ATTN_IN, h)
         q = (h @ w("attn.c_query").T).view(batch, length, heads, hd).transpose(1, 2)
         k, v = (part.reshape(batch, length, heads, hd).transpose(1, 2)
                 for part in (h @ w("attn.c_kv").T).split(d, dim=-1))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + bias
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + alibi_bias(heads, length)
         a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, d)
+        observe(ATTN_OUT, a)
         x = x + a @ w("attn.c_proj").T
         u = layer_norm(x, w("ln_2"))
-        x = x + F.gelu(u @ w("mlp.c_fc").T) @ w("mlp.c_proj").T
-    return layer_norm(x, weight("transformer.ln_f.weight")) @ wte.T
+        observe(FFN_IN, u)
+        hidden = F.gelu(u @ w("mlp.c_fc").T)
+        observe(FFN_HIDDEN, hidden)
+        return x + hidden @ w("mlp.c_proj").T
+
+    def final(self, weight: Weight, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, weight("transformer.ln_f.weight"))
+
+
+def alibi_bias(n_head: int, length: int) -> torch.Tensor:
+    """[heads, time, time]: m_h·(j − i) where query i may look at key j, −inf after it (causal)."""
+    positions = torch.arange(length, dtype=torch.float32)
+    distance = positions[None, :] - positions[:, None]  # j − i: ≤ 0 where a query may look
+    bias = parakeet_slopes(n_head)[:, None, None] * distance
+    return bias.masked_fill(distance > 0, float("-inf"))
 
 
 def mpt_tensors(layout: Layout, config: LlamaConfig, load: Callable[[str], torch.Tensor],

@@ -17,13 +17,13 @@ compares llama.cpp against them, so an approximate target shows up as a measured
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from parrot_edge.converters.errors import BadInput
+from parrot_edge.converters.reference import ATTN_IN, ATTN_OUT, FFN_HIDDEN, FFN_IN, Observe, Weight
 
 RMS_EPS = 1e-6  # every RMSNorm of ParrotLLM, q/k norms included
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, generation 5
@@ -114,50 +114,88 @@ def rope(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
-@torch.inference_mode()
-def rms_logits(layout: Layout, weight: Callable[[str], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """Generations 1 to 3: logits [batch, time, n_vocab] for token ids [batch, time]."""
-    batch, length = tokens.shape
-    heads, hd = layout.n_head, layout.head_dim
-    x = weight(layout.key("tok_emb"))[tokens]
-    for i in range(layout.n_layer):
-        def w(part: str, i: int = i) -> torch.Tensor:
+@dataclass(frozen=True)
+class RMSForward:
+    """Generations 1 to 3 (converters/reference.py's LayeredForward, over ParrotLLM's own keys)."""
+
+    layout: Layout
+
+    @property
+    def n_layer(self) -> int:
+        return self.layout.n_layer
+
+    @property
+    def output_key(self) -> str:
+        return self.layout.key("tok_emb" if self.layout.tied else "lm_head")
+
+    def embed(self, weight: Weight, tokens: torch.Tensor) -> torch.Tensor:
+        return weight(self.layout.key("tok_emb"))[tokens]
+
+    def block(self, weight: Weight, i: int, x: torch.Tensor, observe: Observe) -> torch.Tensor:
+        layout = self.layout
+        batch, length, _ = x.shape
+        heads, hd = layout.n_head, layout.head_dim
+
+        def w(part: str) -> torch.Tensor:
             return weight(layout.key(part, i))
 
         h = rms_norm(x, w("ln_1"))
+        observe(ATTN_IN, h)
         q, k, v = ((h @ w(f"{name}_proj").T).view(batch, length, heads, hd).transpose(1, 2) for name in "qkv")
         q, k = rope(q, layout), rope(k, layout)
         if layout.qk_norm:  # after RoPE, one gain vector for every head
             q, k = rms_norm(q, w("q_norm")), rms_norm(k, w("k_norm"))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        a = a.transpose(1, 2).reshape(batch, length, heads * hd) @ w("o_proj").T
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, heads * hd)
+        observe(ATTN_OUT, a)
+        a = a @ w("o_proj").T
         x = x + (rms_norm(a, w("ln_1_out")) if layout.peri_ln else a)
         u = rms_norm(x, w("ln_2"))
-        m = (F.silu(u @ w("gate_proj").T) * (u @ w("up_proj").T)) @ w("down_proj").T
-        x = x + (rms_norm(m, w("ln_2_out")) if layout.peri_ln else m)
-    x = rms_norm(x, weight(layout.key("ln_f")))
-    return x @ weight(layout.key("tok_emb" if layout.tied else "lm_head")).T
+        observe(FFN_IN, u)
+        hidden = F.silu(u @ w("gate_proj").T) * (u @ w("up_proj").T)
+        observe(FFN_HIDDEN, hidden)
+        m = hidden @ w("down_proj").T
+        return x + (rms_norm(m, w("ln_2_out")) if layout.peri_ln else m)
+
+    def final(self, weight: Weight, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight(self.layout.key("ln_f")))
 
 
-@torch.inference_mode()
-def gpt2_logits(layout: Layout, weight: Callable[[str], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """Generation 5 (GPT-2-like): logits [batch, time, n_vocab] for token ids [batch, time]."""
-    batch, length = tokens.shape
-    heads, hd = layout.n_head, layout.head_dim
+@dataclass(frozen=True)
+class GPT2Forward:
+    """Generation 5, GPT-2-like (converters/reference.py's LayeredForward, over ParrotLLM's own keys)."""
 
-    def layer_norm(x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.layer_norm(x, (layout.n_embd,), weight(f"{name}.weight"), weight(f"{name}.bias"), LAYER_NORM_EPS)
+    layout: Layout
 
-    x = weight("tok_emb.weight")[tokens] + weight("pos_emb.weight")[:length]
-    for i in range(layout.n_layer):
-        block = f"blocks.{i}"
-        h = layer_norm(x, f"{block}.ln_1")
+    @property
+    def n_layer(self) -> int:
+        return self.layout.n_layer
+
+    @property
+    def output_key(self) -> str:
+        return "tok_emb.weight" if self.layout.tied else "lm_head.weight"
+
+    def layer_norm(self, weight: Weight, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, (self.layout.n_embd,), weight(f"{name}.weight"), weight(f"{name}.bias"),
+                            LAYER_NORM_EPS)
+
+    def embed(self, weight: Weight, tokens: torch.Tensor) -> torch.Tensor:
+        return weight("tok_emb.weight")[tokens] + weight("pos_emb.weight")[: tokens.shape[1]]
+
+    def block(self, weight: Weight, i: int, x: torch.Tensor, observe: Observe) -> torch.Tensor:
+        batch, length, _ = x.shape
+        heads, hd, block = self.layout.n_head, self.layout.head_dim, f"blocks.{i}"
+        h = self.layer_norm(weight, x, f"{block}.ln_1")
+        observe(ATTN_IN, h)
         q, k, v = ((h @ weight(f"{block}.attn.{n}_proj.weight").T).view(batch, length, heads, hd).transpose(1, 2)
                    for n in "qkv")
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, -1)
+        observe(ATTN_OUT, a)
         x = x + a @ weight(f"{block}.attn.o_proj.weight").T
-        u = layer_norm(x, f"{block}.ln_2")
-        x = x + F.gelu(u @ weight(f"{block}.mlp.c_fc.weight").T, approximate="tanh") @ weight(
-            f"{block}.mlp.c_proj.weight").T
-    x = layer_norm(x, "ln_f")
-    return x @ weight("tok_emb.weight" if layout.tied else "lm_head.weight").T
+        u = self.layer_norm(weight, x, f"{block}.ln_2")
+        observe(FFN_IN, u)
+        hidden = F.gelu(u @ weight(f"{block}.mlp.c_fc.weight").T, approximate="tanh")
+        observe(FFN_HIDDEN, hidden)
+        return x + hidden @ weight(f"{block}.mlp.c_proj.weight").T
+
+    def final(self, weight: Weight, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(weight, x, "ln_f")

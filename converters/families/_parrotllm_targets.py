@@ -29,7 +29,8 @@ from parrot_edge.converters.architectures.llama import LlamaCheckpoint, LlamaCon
 from parrot_edge.converters.architectures.llama import interleaved_to_rotate_half as to_rotate_half
 from parrot_edge.converters.architectures.llama import tensor_shapes as llama_shapes
 from parrot_edge.converters.checkpoint import GGUFTensor, MappedCheckpoint, SourceInfo
-from parrot_edge.converters.families._parrotllm_model import LAYER_NORM_EPS, RMS_EPS, Layout, gpt2_logits, rms_logits
+from parrot_edge.converters.families._parrotllm_model import LAYER_NORM_EPS, RMS_EPS, GPT2Forward, Layout, RMSForward
+from parrot_edge.converters.reference import Reference
 from parrot_edge.converters.weights import WeightFiles
 
 BLOCK = 32  # the block of Q4_0 / Q4_1 / IQ4_NL / Q8_0: d_ff is padded to a multiple of it
@@ -111,7 +112,7 @@ def to_llama(layout: Layout, files: WeightFiles, source: SourceInfo) -> LlamaChe
     tensors = {name: SourceTensor(dtype, load[name]) for name in llama_shapes(config)}
     checkpoint = LlamaCheckpoint(source, config, tensors)
     # its own forward would be llama's (rotate-half over the handed-over rows): ParrotLLM's is the truth
-    checkpoint.reference_logits = partial(rms_logits, layout, lambda key: files.load(key).float())
+    checkpoint.reference = Reference(RMSForward(layout), _float(files))
     return checkpoint
 
 
@@ -183,7 +184,7 @@ def to_gpt2(layout: Layout, files: WeightFiles, source: SourceInfo, parameters: 
             f"{blk}.ffn_down.bias": zeros[d],
         }
     checkpoint = _mapped(gpt2, config, load, layout, files, source, parameters, [gpt2.GELU_APPROXIMATION])
-    checkpoint.forward = partial(gpt2_logits, layout, lambda key: files.load(key).float())
+    checkpoint.reference = Reference(GPT2Forward(layout), _float(files))
     return checkpoint
 
 
@@ -194,4 +195,8 @@ def _mapped(architecture, config: LlamaConfig, load: dict[str, Loader], layout: 
         arch=architecture.ARCH, source=source, n_vocab=layout.n_vocab, context_length=layout.context_length,
         parameter_count=parameters, metadata=architecture.gguf_metadata(config),
         tensors=_tensors(architecture.tensor_shapes(config), load, dtype),
-        forward=partial(rms_logits, layout, lambda key: files.load(key).float()), approximations=approximations)
+        reference=Reference(RMSForward(layout), _float(files)), approximations=approximations)
+
+
+def _float(files: WeightFiles) -> Callable[[str], torch.Tensor]:
+    return lambda key: files.load(key).float()

@@ -65,6 +65,7 @@ def open_checkpoint(source: Path, config_argument: str | None) -> MappedCheckpoi
     from parrot_edge.converters.architectures.llama import LlamaConfig
     from parrot_edge.converters.checkpoint import MappedCheckpoint, SourceInfo
     from parrot_edge.converters.families import _parakeet_model as model
+    from parrot_edge.converters.reference import Reference
     from parrot_edge.converters.tokenizer import CONTROL, USER_DEFINED, TokenizerHints
     from parrot_edge.converters.weights import WeightFiles
 
@@ -116,7 +117,7 @@ def open_checkpoint(source: Path, config_argument: str | None) -> MappedCheckpoi
         parameter_count=sum(math.prod(shape) for shape in expected.values()) - _shared_kv(path, n_layer, n_embd),
         metadata=mpt.gguf_metadata(config, model.alibi_bias_for(n_head)),
         tensors=model.mpt_tensors(layout, config, files.load, files.dtype("transformer.wte.weight")),
-        forward=lambda tokens: model.parakeet_logits(layout, lambda key: files.load(key).float(), tokens),
+        reference=Reference(model.ParakeetForward(layout), lambda key: files.load(key).float()),
         approximations=approximations)
 
 

@@ -1,11 +1,16 @@
 """`parrot-edge bench convert`: parrot-edge vs llama.cpp's own tools, same HF checkpoint, to Q4_K_M.
 
 Incumbent: llama.cpp's `convert_hf_to_gguf.py` (F16, as its README does it) then llama.cpp's quantiser
-(`llama_model_quantize`, what `llama-quantize` runs). parrot-edge: `parrot-edge convert --quant q4_k_m`,
-which also hashes the source, writes the manifest and renames atomically. Each step runs as its own
+(`llama_model_quantize`, what `llama-quantize` runs). parrot-edge: `parrot-edge convert --quant q4_k_m
+--no-calibrate` (the same uncalibrated recipe; `bench quant` measures calibration), which also hashes the
+source, writes the manifest and renames atomically. Each step runs as its own
 process; its wall time and peak RSS (ru_maxrss from wait4) are measured, in interleaved rounds because
 a shared machine is noisy. Then llama.cpp computes the perplexity of both Q4_K_M files on the same
 tokens (and says whether both files tokenise the text identically).
+
+`--model-shape tiny_LLaMA_1b` measures the school's real size instead (parrot_edge.bench.shapes: a random
+checkpoint of ParrotAI-1.1B's shape): parrot-edge converts the TinyLlama training checkpoint (4.4 GB, the
+file a maintainer has), llama.cpp the HF twin of the same weights (safetensors, what its converter reads).
 
 `--parakeet` measures a Parakeet-shaped checkpoint instead (random weights of the published model's exact
 shapes, 378M parameters, 1.5 GB float32, under main.py's file name; cl100k_base.tiktoken from --tokenizer or the
@@ -148,21 +153,20 @@ def bench_convert_command(args) -> int:
         return bench_parakeet(args)
     cache = cache_dir("bench")
     cache.mkdir(parents=True, exist_ok=True)
-    source = (args.source.resolve() if args.source else default_source(cache, args.gguf))
     script = convert_hf_script()
     work = cache / "run"
     work.mkdir(exist_ok=True)
     ours, theirs = work / "parrot-edge-q4_k_m.gguf", work / "llama-cpp-q4_k_m.gguf"
+    # the same recipe as llama.cpp's (no calibration): `bench quant` measures what calibration adds
+    our_source, source, our_argv = _sources(args, cache, ours)
     incumbent_env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
-    weights = sum(p.stat().st_size for p in source.glob("*.safetensors")) + sum(
-        p.stat().st_size for p in source.glob("pytorch_model*.bin"))
-    print(f"source {source} ({weights / 1e6:.0f} MB of weights); {os.cpu_count()} CPUs; {args.rounds} rounds, "
-          "interleaved")
+    print(f"source {our_source} ({_weights_mb(our_source):.0f} MB)"
+          + (f", llama.cpp's {source} ({_weights_mb(source):.0f} MB)" if source != our_source else "")
+          + f"; {os.cpu_count()} CPUs; {args.rounds} rounds, interleaved")
 
     results: dict[str, list[Step]] = {"parrot-edge": [], "llama.cpp": []}
     for round_number in range(1, args.rounds + 1):
-        step = run_measured([sys.executable, "-m", "parrot_edge", "convert", str(source), "-o", str(ours),
-                             "--quant", "q4_k_m"], cwd=work)
+        step = run_measured(our_argv, cwd=work)
         results["parrot-edge"].append(step)
         f16 = work / "llama-cpp-f16.gguf"
         convert_step = run_measured([sys.executable, str(script), str(source), "--outfile", str(f16), "--outtype",
@@ -188,6 +192,28 @@ def bench_convert_command(args) -> int:
           f"bilingual text in {_CONTEXT}-token windows; both files tokenise it "
           f"{'identically' if same_tokens else 'DIFFERENTLY'})")
     return 0
+
+
+def _sources(args, cache: Path, ours: Path) -> tuple[Path, Path, list[str]]:
+    """What parrot-edge converts, the HF checkpoint llama.cpp converts (the same weights), and parrot-edge's
+    convert command."""
+    if args.model_shape:
+        from parrot_edge.bench.shapes import convert_argv, shape_dir, training_checkpoint
+
+        folder = shape_dir(args.model_shape)
+        return (training_checkpoint(folder), folder / "hf",
+                [*convert_argv(args.model_shape, folder, ours, "q4_k_m"), "--no-calibrate"])
+    source = args.source.resolve() if args.source else default_source(cache, args.gguf)
+    return source, source, [sys.executable, "-m", "parrot_edge", "convert", str(source), "-o", str(ours), "--quant",
+                    "q4_k_m", "--no-calibrate"]
+
+
+def _weights_mb(path: Path) -> float:
+    """The size of a checkpoint file, or of the weight files in an HF folder."""
+    if path.is_file():
+        return path.stat().st_size / 1e6
+    files = [p for pattern in ("*.safetensors", "pytorch_model*.bin") for p in path.glob(pattern)]
+    return sum(p.stat().st_size for p in files) / 1e6
 
 
 # The published Parakeet's shapes (checkpoint-formats.md §2.5): 18 layers of width 1152, 18 heads, 4608-wide MLP

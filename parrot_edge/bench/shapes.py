@@ -49,9 +49,9 @@ def shape_gguf(shape: str, quant: str = "q4_k_m", seed: int = SEED) -> Path:
     gguf = folder / f"{quant}.gguf"
     if not gguf.is_file():
         print(f"converting {shape} to {quant.upper()} with parrot-edge (once)…", file=sys.stderr)
-        done = subprocess.run([sys.executable, "-m", "parrot_edge", "convert", str(training_checkpoint(folder)),
-                               "--config", shape, "--tokenizer", str(folder / "tokenizer.model"), "-o", str(gguf),
-                               "--quant", quant], capture_output=True, text=True)
+        # random weights: calibrating on text would only cost time
+        done = subprocess.run([*convert_argv(shape, folder, gguf, quant), "--no-calibrate"], capture_output=True,
+                              text=True)
         if done.returncode != 0:
             raise ParrotEdgeError(f"converting the {shape} checkpoint failed: {done.stderr.strip()[-500:]}")
     return gguf
@@ -59,6 +59,12 @@ def shape_gguf(shape: str, quant: str = "q4_k_m", seed: int = SEED) -> Path:
 
 def training_checkpoint(folder: Path) -> Path:
     return folder / "train" / "iter-000000-ckpt.pth"
+
+
+def convert_argv(shape: str, folder: Path, output: Path, quant: str) -> list[str]:
+    """`parrot-edge convert` of the shape's training checkpoint, as a maintainer types it."""
+    return [sys.executable, "-m", "parrot_edge", "convert", str(training_checkpoint(folder)), "--config", shape,
+            "--tokenizer", str(folder / "tokenizer.model"), "-o", str(output), "--quant", quant]
 
 
 def _build(folder: Path, shape: str, seed: int) -> None:

