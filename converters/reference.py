@@ -3,13 +3,13 @@
 Every architecture's (or family's) forward is written as a `LayeredForward`: `embed` (token ids → the residual
 stream), `block(i)` (one transformer layer), `final` (the last norm: the input of the output matrix) and the key
 of the output matrix. `Reference.logits` chains them, which is what the forward always computed. Splitting it
-this way lets calibration (converters/calibration.py) load one layer's weights, push every calibration window
+this way lets calibration (converters/importance.py) load one layer's weights, push every calibration window
 through that layer, and move on: memory stays near one layer plus the residual stream of the windows, whatever
 the model's size.
 
 A block reports the input of each group of its matrices to `observe(role, x)` just before multiplying, under
 the roles below (a role is what the input is, not which tensor reads it: Q, K and V, or a fused QKV, all read
-ATTN_IN). Which GGUF tensors read a role is calibration's business (calibration.ROLE_TENSORS), so a forward
+ATTN_IN). Which GGUF tensors read a role is calibration's business (importance.ROLE_TENSORS), so a forward
 written in its checkpoint's own key names needs to know nothing about the GGUF side.
 """
 

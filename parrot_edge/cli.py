@@ -153,6 +153,14 @@ def _deploy_commands(sub) -> None:
                    help="Python version of the school computers; repeatable (default: 3.11 to 3.14)")
 
 
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model a serving benchmark runs: a store name or GGUF path, or a shape of random weights."""
+    parser.add_argument("--model")
+    parser.add_argument("--model-shape", metavar="PRESET",
+                        help="a random checkpoint of this size (e.g. tiny_LLaMA_1b: ParrotAI-1.1B), built and "
+                             "converted to Q4_K_M once, instead of --model")
+
+
 def _bench_commands(sub) -> None:
     """bench convert/quant/single/classroom/soak (and what else registers here)."""
     bench = _command(sub, "bench", "", "benchmarks against the incumbent tools, measured in one run")
@@ -182,16 +190,12 @@ def _bench_commands(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the perplexity runs")
     p = _command(bsub, "single", "parrot_edge.bench.serving:bench_single_command",
                  "one-student decode speed: raw llama.cpp, parrot-edge, llama-cpp-python's server")
-    p.add_argument("--model")
-    p.add_argument("--model-shape", metavar="PRESET",
-                   help="a random checkpoint of this size (e.g. tiny_LLaMA_1b: ParrotAI-1.1B), built and converted "
-                        "to Q4_K_M once, instead of --model")
+    _add_model_args(p)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p = _command(bsub, "classroom", "parrot_edge.bench.serving:bench_classroom_command",
                  "many students at once: parrot-edge vs llama-server vs llama-cpp-python's server")
-    p.add_argument("--model")
-    p.add_argument("--model-shape", metavar="PRESET", help="as for bench single")
+    _add_model_args(p)
     p.add_argument("--students", type=int, default=8)
     p.add_argument("--requests", type=int, default=4, help="requests per student")
     p.add_argument("--tokens", type=int, default=64, help="answer length")
@@ -204,8 +208,7 @@ def _bench_commands(sub) -> None:
                         "cache if absent")
     p = _command(bsub, "memory", "parrot_edge.bench.memory:bench_memory_command",
                  "resident memory of a full server against the memory plan; what a small machine serves")
-    p.add_argument("--model")
-    p.add_argument("--model-shape", metavar="PRESET", help="as for bench single")
+    _add_model_args(p)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--ctx", type=int, default=2048, help="context tokens per slot")
     p.add_argument("--kv", choices=("f16", "q8_0"), default="f16", help="KV cache type of the measured server")

@@ -115,14 +115,18 @@ def rope(x: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class RMSForward:
-    """Generations 1 to 3 (converters/reference.py's LayeredForward, over ParrotLLM's own keys)."""
+class _LayoutForward:
+    """What both forwards below share: the checkpoint's layout, and its number of layers."""
 
     layout: Layout
 
     @property
     def n_layer(self) -> int:
         return self.layout.n_layer
+
+
+class RMSForward(_LayoutForward):
+    """Generations 1 to 3 (converters/reference.py's LayeredForward, over ParrotLLM's own keys)."""
 
     @property
     def output_key(self) -> str:
@@ -160,15 +164,8 @@ class RMSForward:
         return rms_norm(x, weight(self.layout.key("ln_f")))
 
 
-@dataclass(frozen=True)
-class GPT2Forward:
+class GPT2Forward(_LayoutForward):
     """Generation 5, GPT-2-like (converters/reference.py's LayeredForward, over ParrotLLM's own keys)."""
-
-    layout: Layout
-
-    @property
-    def n_layer(self) -> int:
-        return self.layout.n_layer
 
     @property
     def output_key(self) -> str:

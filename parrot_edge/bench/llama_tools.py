@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,10 @@ from pathlib import Path
 
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.files import cache_dir, folder_replaced_atomically
+
+# Built, as the Makefile builds llama-cpp-python, without llama.cpp's AMX kernels, which crash on quantised models
+# (parrot_edge.llamacpp.amx_build): the incumbent runs the same kernels as parrot-edge.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() == "x86_64" else ""
 
 
 def llama_cpp_source() -> Path:
@@ -62,7 +67,8 @@ def llama_tool(name: str) -> Path:
     print(f"building llama.cpp's {name} (a few minutes on 2 cores, once)…", file=sys.stderr)
     # Threads of llama.cpp's own build system: the benchmark runs nothing else meanwhile.
     for command in (["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                     "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF"],
+                     "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", f"-DCMAKE_C_FLAGS={NO_AMX}",
+                     f"-DCMAKE_CXX_FLAGS={NO_AMX}"],
                     ["cmake", "--build", str(build), "--target", name, "-j", str(os.cpu_count() or 2)]):
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
