@@ -106,18 +106,25 @@ def _planned(log: Path) -> int:
     return int(line.split(" = ")[1].split(" MB")[0].replace(",", "")) * 1_000_000
 
 
+FILLER = ("and", "the", "of", "to", "in")
+
+
 async def _fill(url: str, slots: int, ctx: int) -> None:
     async with httpx.AsyncClient(timeout=3600) as client:
         model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
 
         async def one(s: int) -> None:
-            # ~1 token per word; the answer's 8 tokens end just short of the context
-            prompt = " ".join(f"w{(s * 7919 + i) % 997}" for i in range((ctx - 96) // 3))
+            # words that are one token each in SentencePiece and byte-level BPE vocabularies alike, in an order
+            # of the slot's own (no two slots share more than a token, so none borrows another's cells); the
+            # answer's 8 tokens end short of the context
+            prompt = f"{s}: " + " ".join(FILLER[(s + i * (s + 1)) % len(FILLER)] for i in range(ctx - 128))
             async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address=student_address(s)),
                                          timeout=3600) as own:
                 response = await own.post(url + "/v1/completions", json={"model": model, "prompt": prompt,
                                                                           "max_tokens": 8, "temperature": 0})
-                usage = response.json().get("usage", {})
+                if response.status_code != 200:
+                    raise ParrotEdgeError(f"filling slot {s} failed: {response.status_code} {response.text[:300]}")
+                usage = response.json()["usage"]
                 print(f"  slot {s}: {usage.get('prompt_tokens')} prompt tokens", file=sys.stderr)
         await asyncio.gather(*(one(s) for s in range(slots)))
 
