@@ -162,14 +162,25 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_commands(sub) -> None:
-    """bench convert/quant/single/classroom/soak (and what else registers here)."""
+    """bench: conversion and serving benchmarks."""
     bench = _command(sub, "bench", "", "benchmarks against the incumbent tools, measured in one run")
     bsub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True)
+    _bench_conversion_commands(bsub)
+    _bench_serving_commands(bsub)
+
+
+def _add_bench_source_args(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint a conversion benchmark converts."""
+    parser.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: rebuilt "
+                                                             "from the default model's GGUF, or from --gguf)")
+    parser.add_argument("--gguf", type=Path, help="a `llama` GGUF to rebuild the default source from")
+
+
+def _bench_conversion_commands(bsub) -> None:
+    """bench convert/quant: parrot-edge's converter against llama.cpp's tools."""
     p = _command(bsub, "convert", "parrot_edge.bench.conversion:bench_convert_command",
                  "parrot-edge convert vs llama.cpp's convert_hf_to_gguf.py + quantize")
-    p.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: rebuilt from the "
-                                                        "default model's GGUF, or from --gguf)")
-    p.add_argument("--gguf", type=Path, help="a `llama` GGUF to rebuild the default source from")
+    _add_bench_source_args(p)
     p.add_argument("--model-shape", metavar="PRESET",
                    help="a random checkpoint of this size (e.g. tiny_LLaMA_1b: ParrotAI-1.1B), built once: parrot-edge "
                         "converts its training checkpoint, llama.cpp its HF twin")
@@ -180,14 +191,16 @@ def _bench_commands(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the perplexity runs")
     p = _command(bsub, "quant", "parrot_edge.bench.quant:bench_quant_command",
                  "4-bit quality: F16, plain and calibrated Q4_K_M / IQ4_XS, llama.cpp's imatrix pipeline")
-    p.add_argument("source", type=Path, nargs="?", help="HF Llama checkpoint directory (default: rebuilt from the "
-                                                        "default model's GGUF, or from --gguf)")
-    p.add_argument("--gguf", type=Path, help="a `llama` GGUF to rebuild the default source from")
+    _add_bench_source_args(p)
     p.add_argument("--calibrate", type=Path, metavar="FILE", help="calibration text for both parrot-edge and "
                                                                   "llama-imatrix (default: the built-in one)")
     p.add_argument("--tokens", type=int, default=16384, help="held-out tokens to measure perplexity on")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every pipeline (default 2)")
     p.add_argument("--threads", type=int, help="CPU threads for the perplexity runs")
+
+
+def _bench_serving_commands(bsub) -> None:
+    """bench single/classroom/memory/soak: the runtime against llama.cpp's servers."""
     p = _command(bsub, "single", "parrot_edge.bench.serving:bench_single_command",
                  "one-student decode speed: raw llama.cpp, parrot-edge, llama-cpp-python's server")
     _add_model_args(p)

@@ -222,7 +222,8 @@ def _raise_for_failure(finished: Finished) -> None:
     if finished.reason == "error":
         raise ApiError(500, f"generation failed: {finished.error}", type="server_error", code="generation_failed")
     if finished.reason == "timeout" and finished.completion_tokens == 0:
-        raise busy("timed out waiting for a free slot; retry shortly", 5, "timeout")
+        raise busy("timed out before the first token (waiting for a free slot, or reading a long prompt on a busy "
+                   "server); retry shortly", 5, "timeout")
 
 
 def _timings(finished: Finished) -> dict:

@@ -69,7 +69,8 @@ def _measure_serving(gguf: Path, shape, args) -> tuple[int, int]:
     import subprocess
 
     port = free_port()
-    env = {**os.environ, "PARROT_EDGE_KV_CACHE_TYPE": args.kv}
+    # filling 8 contexts of a 1.1B model on 2 cores takes longer than a classroom request may (request_timeout)
+    env = {**os.environ, "PARROT_EDGE_KV_CACHE_TYPE": args.kv, "PARROT_EDGE_REQUEST_TIMEOUT": "3600"}
     server = Server("parrot-edge", [sys.executable, "-m", "parrot_edge", "serve", "--model", str(gguf), "--port",
                                     str(port), "--slots", str(args.slots), "--ctx", str(args.ctx)], port)
     with tempfile.TemporaryDirectory(prefix="parrot-edge-memory-") as workdir:
