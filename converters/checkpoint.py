@@ -34,6 +34,23 @@ class GGUFTensor:
     load: Callable[[], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class StateDictSizes:
+    """The sizes a state dict whose architecture is not stored gives (from its tensors, names and file name);
+    a family's layout adds what else it needs to know."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_ff: int
+    n_vocab: int
+    context_length: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
 @dataclass
 class SourceInfo:
     """Facts about the source that end up in GGUF metadata and the manifest."""

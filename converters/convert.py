@@ -104,21 +104,12 @@ def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant:
             source_hash = source_sha256(source.weight_files, bar.update)
         metadata = gguf_metadata(checkpoint, vocabulary, name or source.name, license or source.license,
                                  source_hash)
-        tensors = checkpoint.gguf_tensors()
         if quant in DIRECT_TYPES:
-            write_gguf(partial, checkpoint.arch, metadata, tensors, DIRECT_TYPES[quant], f"writing {quant.upper()}")
+            write_gguf(partial, checkpoint.arch, metadata, checkpoint.gguf_tensors(), DIRECT_TYPES[quant],
+                       f"writing {quant.upper()}")
         else:
-            importance = calibrate(checkpoint, vocabulary, calibration, threads, progress) if calibration else None
-            if importance:  # llama-quantize's keys: the quantiser copies them into the output
-                metadata |= {"quantize.imatrix.dataset": calibration.name,
-                             "quantize.imatrix.entries_count": len(importance)}
-            with temp_file_beside(output, "unquantised") as intermediate:
-                write_gguf(intermediate, checkpoint.arch, metadata, tensors, None, "writing")
-                progress(f"quantising to {quant.upper()} with llama.cpp"
-                         + (f", calibrated on {calibration.name}" if importance else ""))
-                quantize(intermediate, partial, quant, threads, importance=importance)
-            if found := fallbacks(partial, quant):
-                progress(f"note: {describe_fallbacks(found, quant)}")
+            _write_quantised(checkpoint, vocabulary, metadata, output, partial, quant, calibration, threads,
+                             progress)
 
     manifest = ModelManifest(
         name=model_name(name or output.stem), file=output.name, sha256=sha256_file(output),
@@ -131,6 +122,23 @@ def convert(checkpoint: Checkpoint, vocabulary: Vocabulary, output: Path, quant:
     )
     manifest.write(manifest_path_for(output))
     return manifest
+
+
+def _write_quantised(checkpoint: Checkpoint, vocabulary: Vocabulary, metadata: dict, output: Path, partial: Path,
+                     quant: str, calibration: CalibrationText | None, threads: int | None,
+                     progress: Callable[[str], None]) -> None:
+    """An unquantised GGUF beside `output`, then llama.cpp's quantiser (calibrated when `calibration`) into
+    `partial`, the output's temporary file."""
+    importance = calibrate(checkpoint, vocabulary, calibration, threads, progress) if calibration else None
+    if importance:  # llama-quantize's keys: the quantiser copies them into the output
+        metadata |= {"quantize.imatrix.dataset": calibration.name, "quantize.imatrix.entries_count": len(importance)}
+    with temp_file_beside(output, "unquantised") as intermediate:
+        write_gguf(intermediate, checkpoint.arch, metadata, checkpoint.gguf_tensors(), None, "writing")
+        progress(f"quantising to {quant.upper()} with llama.cpp"
+                 + (f", calibrated on {calibration.name}" if importance else ""))
+        quantize(intermediate, partial, quant, threads, importance=importance)
+    if found := fallbacks(partial, quant):
+        progress(f"note: {describe_fallbacks(found, quant)}")
 
 
 def calibrate(checkpoint: Checkpoint, vocabulary: Vocabulary, calibration: CalibrationText, threads: int | None,

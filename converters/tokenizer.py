@@ -200,16 +200,7 @@ def byte_level_bpe(data: dict[str, Any], path: Path, settings: dict[str, Any],
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         raise BadInput(f"{path} is not a valid byte-level BPE tokenizer: {exc}") from None
 
-    entries = {int(i): (token, NORMAL) for token, i in model["vocab"].items()}
-    for added in data.get("added_tokens") or []:
-        entries[added["id"]] = (added["content"], CONTROL if added.get("special") else USER_DEFINED)
-    tokens, scores, types = [], [], []
-    for token_id, (token, token_type) in sorted(entries.items()):
-        _pad_until(tokens, scores, types, token_id)  # ids no token uses
-        tokens.append(token)
-        scores.append(0.0)
-        types.append(token_type)
-
+    tokens, scores, types = _bpe_token_table(data)
     lookup = {token: i for i, token in enumerate(tokens)}
     by_id = {name[1:-3]: value for name, value in settings.items() if name.startswith("_") and name.endswith("_id")}
     special = _special_ids(settings, lookup, by_id or _bpe_default_specials(path.parent, lookup))
@@ -237,6 +228,20 @@ def byte_level_bpe(data: dict[str, Any], path: Path, settings: dict[str, Any],
         return _with_specials(ids, special, add_bos, add_eos)
 
     return Vocabulary(f"byte-level-bpe ({pre})", tokens, scores, types, metadata, encode)
+
+
+def _bpe_token_table(data: dict[str, Any]) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and types by id: the model's vocabulary and the added tokens (special ones are control)."""
+    entries = {int(i): (token, NORMAL) for token, i in data["model"]["vocab"].items()}
+    for added in data.get("added_tokens") or []:
+        entries[added["id"]] = (added["content"], CONTROL if added.get("special") else USER_DEFINED)
+    tokens, scores, types = [], [], []
+    for token_id, (token, token_type) in sorted(entries.items()):
+        _pad_until(tokens, scores, types, token_id)  # ids no token uses
+        tokens.append(token)
+        scores.append(0.0)
+        types.append(token_type)
+    return tokens, scores, types
 
 
 def _add_hinted_tokens(data: dict[str, Any], hints: TokenizerHints | None) -> None:

@@ -260,6 +260,49 @@ def test_a_conversation_whose_slot_was_taken_comes_back_from_the_shelf(default_g
     assert cold_finished.cached_tokens == 0 and text == warm
 
 
+NO_END = ((0, float("-inf")), (2, float("-inf")))  # SmolLM2's end tokens banned: an answer as long as asked
+
+
+@pytest.mark.parametrize("shelf_bytes", [SHELF_BYTES, 0], ids=["shelved", "read-again"])
+def test_an_answer_paused_for_a_fairer_claim_goes_on_exactly(default_gguf, shelf_bytes):
+    """Client a holds both slots when client b asks: a's newer answer is paused, b is answered at once, and a's
+    answer, resumed (its cells from the shelf, or read again when there is no room on it), is what it is alone.
+    Sampled with a seed, so the sampler's random state must go on where it stopped too."""
+    sampling = SamplingParams(temperature=0.9, seed=7, logit_bias=NO_END)
+    paused = Engine(default_gguf, name="pause", slots=2, ctx_per_slot=1024, prefill_chunk=64,
+                    shelf_bytes=shelf_bytes, verify_cells=True)
+
+    def request(client: str, question: str, max_tokens: int) -> Request:
+        return Request(prompt=chat_tokens(paused, [{"role": "user", "content": question}]), sampling=sampling,
+                       max_tokens=max_tokens, client=client)
+
+    async def scenario():
+        alone, _ = await run(paused, request("a", LONG_QUESTION, 96))
+        story = paused.submit(request("a", "Tell me a long story about a cat.", 1000))
+        second = paused.submit(request("a", LONG_QUESTION, 96))
+        first_piece = await second.events.get()  # both of a's answers are under way
+        unshelved = paused.stats.unshelved
+        _, finished = await run(paused, request("b", "What is 12 times 12?", 8))
+        assert story.first_token and not story.cancelled and finished.reason == "length"
+        parts = [first_piece.text]
+        while not isinstance(event := await second.events.get(), Finished):
+            parts.append(event.text)
+        paused.cancel(story)
+        while not isinstance(await story.events.get(), Finished):
+            pass
+        return alone, "".join(parts), event, paused.stats.unshelved - unshelved
+
+    try:
+        alone, resumed, finished, unshelved = asyncio.run(scenario())
+        assert paused.stats.paused >= 1, "b waited for one of a's answers to end"
+        assert finished.reason == "length" and resumed == alone
+        assert (unshelved >= 1) == bool(shelf_bytes), unshelved
+        assert paused.stats.cell_mismatches == 0
+        assert paused.state().slots_busy == 0 and paused.state().queue_depth == 0
+    finally:
+        paused.close()
+
+
 TEACHER = ("You are a patient teacher in a rural school. Answer simply, kindly and briefly, "
            "in the language of the question. ") * 4
 

@@ -1,6 +1,7 @@
-"""A stateful property test of the engine on a tiny converted model: random submits, cancels and short deadlines,
-in any order. After every engine step, what each slot believes its KV cells hold equals what llama.cpp holds
-(the engine checks it itself, `verify_cells`); at the end everything has finished and the engine is idle."""
+"""A stateful property test of the engine on a tiny converted model: random submits (of several clients, so
+answers are paused and resumed), cancels and short deadlines, in any order. After every engine step, what each
+slot believes its KV cells hold equals what llama.cpp holds (the engine checks it itself, `verify_cells`); at
+the end everything has finished and the engine is idle."""
 
 from __future__ import annotations
 
@@ -38,11 +39,14 @@ class EngineMachine(RuleBasedStateMachine):
         self.tries = 0
 
     @rule(prompt=st.sampled_from(PROMPTS), extra=st.lists(st.integers(2, 400), max_size=30),
-          max_tokens=st.integers(1, 40), greedy=st.booleans(), deadline=st.sampled_from([None, 0.0, 0.05, 0.5]))
-    def submit(self, prompt, extra, max_tokens, greedy, deadline):
+          max_tokens=st.integers(1, 40), greedy=st.booleans(), deadline=st.sampled_from([None, 0.0, 0.05, 0.5]),
+          client=st.sampled_from("abc"), demoted=st.booleans())
+    def submit(self, prompt, extra, max_tokens, greedy, deadline, client, demoted):
+        # several clients, some in bad standing: answers are paused for stronger claims and resumed
         sampling = SamplingParams(temperature=0) if greedy else SamplingParams(seed=7)
-        request = Request(prompt=prompt + extra, sampling=sampling, max_tokens=max_tokens,
-                          deadline=time.monotonic() + deadline if deadline is not None else float("inf"))
+        ends = time.monotonic() + deadline if deadline is not None else float("inf")
+        request = Request(prompt=prompt + extra, sampling=sampling, max_tokens=max_tokens, client=client,
+                          demoted=demoted, deadline=ends)
         with contextlib.suppress(QueueFull):
             self.live.append(self.engine.submit(request, self.loop))
         self.tries += 1

@@ -194,6 +194,40 @@ def test_a_queued_client_that_leaves_is_dropped_from_the_queue_at_once(server):
     assert 'parrot_edge_requests_total{endpoint="chat",outcome="disconnected"}' in metrics
 
 
+def metric(server, name: str) -> float:
+    line = next((line for line in httpx.get(server.url + "/metrics").text.splitlines()
+                 if line.startswith(name + " ") or line.startswith(name + "{")), f"{name} 0")
+    return float(line.split()[-1])
+
+
+def test_a_client_that_left_mid_answer_gives_its_slot_up_to_a_student(server):
+    """A client that left an answer midway is in bad standing for a while: when both slots are busy, one with
+    its new answer, a well-behaved student's question pauses that answer instead of waiting for one to end."""
+    leaver, good, student = "127.0.0.20", "127.0.0.21", "127.0.0.22"
+    left_before = metric(server, 'parrot_edge_requests_total{endpoint="chat",outcome="disconnected"}')
+    gone = threading.Event()
+    gone.set()
+    _stream_until_stopped(server, leaver, threading.Event(), gone)  # leaves after the first line
+    wait_until(lambda: metric(server, 'parrot_edge_requests_total{endpoint="chat",outcome="disconnected"}')
+               > left_before, "the server to see the client leave")
+    stop, threads = threading.Event(), []
+    try:
+        for address in (leaver, good):
+            started = threading.Event()
+            threads.append(threading.Thread(target=_stream_until_stopped, args=(server, address, started, stop)))
+            threads[-1].start()
+            assert started.wait(120)
+        wait_until(lambda: health(server)["slots"]["busy"] == 2, "both streams answering")
+        paused = metric(server, "parrot_edge_paused_answers_total")
+        assert chat(server, "Hi", address=student, max_tokens=2).status_code == 200
+        assert metric(server, "parrot_edge_paused_answers_total") > paused, "the student waited for an answer to end"
+        assert all(thread.is_alive() for thread in threads), "both answers are still under way"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
 def test_cache_hits_on_another_clients_conversation_are_not_reported(server):
     question = "Tell me one fact about owls, please, in a single short sentence."
 
@@ -203,9 +237,7 @@ def test_cache_hits_on_another_clients_conversation_are_not_reported(server):
         return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
     def reused_in_total() -> float:
-        line = next(line for line in httpx.get(server.url + "/metrics").text.splitlines()
-                    if line.startswith("parrot_edge_prompt_tokens_cached_total "))
-        return float(line.split()[1])
+        return metric(server, "parrot_edge_prompt_tokens_cached_total")
 
     cached("127.0.0.4")
     assert cached("127.0.0.4") > 0, "a client's own next turn is reported as cached"

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from parrot_edge.converters.architectures import mpt
 from parrot_edge.converters.architectures.llama import LlamaConfig
-from parrot_edge.converters.checkpoint import GGUFTensor
+from parrot_edge.converters.checkpoint import GGUFTensor, StateDictSizes
 from parrot_edge.converters.reference import ATTN_IN, ATTN_OUT, FFN_HIDDEN, FFN_IN, Observe, Weight
 
 LAYER_NORM_EPS = 1e-5
@@ -43,18 +43,7 @@ GELU_APPROXIMATION = ("GELU: llama.cpp's mpt uses the tanh approximation (evalua
                       "CPU), Parakeet the exact erf form (pointwise up to 4.7e-4 apart, plus float16 rounding)")
 
 
-@dataclass(frozen=True)
-class Layout:
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_ff: int
-    n_vocab: int
-    context_length: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+Layout = StateDictSizes  # Parakeet's sizes are all there is to its layout
 
 
 def from_file_name(path: Path) -> dict[str, int]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from parrot_edge.converters.checkpoint import StateDictSizes
 from parrot_edge.converters.errors import BadInput
 from parrot_edge.converters.reference import ATTN_IN, ATTN_OUT, FFN_HIDDEN, FFN_IN, Observe, Weight
 
@@ -36,25 +37,15 @@ _NAMES = {
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(StateDictSizes):
     """Which ParrotLLM generation a state dict is, and the sizes its keys and config give."""
 
     generation: str
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_ff: int
-    n_vocab: int
-    context_length: int
     rope_base: float
     naming: str = "current"
     qk_norm: bool = False
     peri_ln: bool = False
     tied: bool = True
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     def key(self, part: str, layer: int | None = None) -> str:
         """The state-dict key of a part: key("ln_1", 3) → blocks.3.ln_1.weight; key("gate_proj", 0) → …mlp.gate_proj."""

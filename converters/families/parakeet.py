@@ -66,7 +66,6 @@ def open_checkpoint(source: Path, config_argument: str | None) -> MappedCheckpoi
     from parrot_edge.converters.checkpoint import MappedCheckpoint, SourceInfo
     from parrot_edge.converters.families import _parakeet_model as model
     from parrot_edge.converters.reference import Reference
-    from parrot_edge.converters.tokenizer import CONTROL, USER_DEFINED, TokenizerHints
     from parrot_edge.converters.weights import WeightFiles
 
     if config_argument:
@@ -75,6 +74,34 @@ def open_checkpoint(source: Path, config_argument: str | None) -> MappedCheckpoi
     if path is None:
         raise BadInput(f"no Parakeet checkpoint in {source}: pass the .pth file itself")
     files = WeightFiles([path])
+    layout, notes = _layout(files, path)
+    expected = _expected_shapes(layout)
+    files.check(expected, ignored_suffixes=("lm_head.weight",))
+    head = "lm_head.weight" in set(files.keys())
+    if head and not files.load("lm_head.weight").equal(files.load("transformer.wte.weight")):
+        raise BadInput("lm_head.weight differs from transformer.wte.weight: Parakeet ties them, this file does not")
+
+    config = LlamaConfig(n_layer=layout.n_layer, n_embd=layout.n_embd, n_head=layout.n_head,
+                         n_kv_head=layout.n_head, head_dim=layout.head_dim, n_ff=layout.n_ff, n_vocab=layout.n_vocab,
+                         context_length=layout.context_length, norm_eps=model.LAYER_NORM_EPS, tied_embeddings=False)
+    info = SourceInfo(family="parakeet", path=path, weight_files=[path], tokenizer_dir=path.parent,
+                      name=path.stem.split("-")[0], license="GPL", declared_vocab=PADDING + 4, notes=notes,
+                      tokenizer_hints=_tokenizer_hints())
+    approximations = [a for a in (model.alibi_approximation(layout.n_head), model.GELU_APPROXIMATION) if a]
+    shared = _shared_kv(path, layout.n_layer, layout.n_embd)
+    return MappedCheckpoint(
+        arch=mpt.ARCH, source=info, n_vocab=layout.n_vocab, context_length=layout.context_length,
+        parameter_count=sum(math.prod(shape) for shape in expected.values()) - shared,
+        metadata=mpt.gguf_metadata(config, model.alibi_bias_for(layout.n_head)),
+        tensors=model.mpt_tensors(layout, config, files.load, files.dtype("transformer.wte.weight")),
+        reference=Reference(model.ParakeetForward(layout), lambda key: files.load(key).float()),
+        approximations=approximations)
+
+
+def _layout(files, path: Path):
+    """The sizes: from the tensors, the heads and context from the file name (else main.py's defaults, noted)."""
+    from parrot_edge.converters.families import _parakeet_model as model
+
     named, notes = model.from_file_name(path), []
     for field, default in model.DEFAULTS.items():
         if field not in named:
@@ -88,37 +115,29 @@ def open_checkpoint(source: Path, config_argument: str | None) -> MappedCheckpoi
     if n_embd % n_head:
         raise BadInput(f"{n_head} heads do not divide the embedding width {n_embd}: the file name's _h{n_head} "
                        "is wrong")
-    layout = model.Layout(n_layer, n_embd, n_head, n_ff, n_vocab, named["block_size"])
-    expected = {"transformer.wte.weight": (n_vocab, n_embd), "transformer.wte.norm.weight": (n_embd,),
+    return model.Layout(n_layer, n_embd, n_head, n_ff, n_vocab, named["block_size"]), notes
+
+
+def _expected_shapes(layout) -> dict[str, tuple[int, ...]]:
+    n_embd, n_ff = layout.n_embd, layout.n_ff
+    expected = {"transformer.wte.weight": (layout.n_vocab, n_embd), "transformer.wte.norm.weight": (n_embd,),
                 "transformer.wte.norm.bias": (n_embd,), "transformer.ln_f.weight": (n_embd,)}
-    for i in range(n_layer):
+    for i in range(layout.n_layer):
         expected |= {f"transformer.h.{i}.{part}.weight": shape for part, shape in {
             "ln_1": (n_embd,), "attn.c_query": (n_embd, n_embd), "attn.c_kv": (2 * n_embd, n_embd),
             "attn.c_proj": (n_embd, n_embd), "ln_2": (n_embd,), "mlp.c_fc": (n_ff, n_embd),
             "mlp.c_proj": (n_embd, n_ff)}.items()}
-    files.check(expected, ignored_suffixes=("lm_head.weight",))
-    if "lm_head.weight" in keys and not files.load("lm_head.weight").equal(files.load("transformer.wte.weight")):
-        raise BadInput("lm_head.weight differs from transformer.wte.weight: Parakeet ties them, this file does not")
+    return expected
 
-    config = LlamaConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, head_dim=layout.head_dim,
-                         n_ff=n_ff, n_vocab=n_vocab, context_length=layout.context_length,
-                         norm_eps=model.LAYER_NORM_EPS, tied_embeddings=False)
-    hints = TokenizerHints(
+
+def _tokenizer_hints():
+    from parrot_edge.converters.tokenizer import CONTROL, USER_DEFINED, TokenizerHints
+
+    return TokenizerHints(
         added={PADDING: ("<|padding|>", CONTROL), 100278: ("\n\nSystem: ", USER_DEFINED),
                100279: ("\n\nHuman: ", USER_DEFINED), 100280: ("\n\nAssistant: ", USER_DEFINED)},
         special={"bos": END_OF_TEXT, "eos": END_OF_PROMPT, "pad": PADDING, "eot": PADDING},
         add_bos=False, chat_template=CHAT_TEMPLATE)
-    info = SourceInfo(family="parakeet", path=path, weight_files=[path], tokenizer_dir=path.parent,
-                      name=path.stem.split("-")[0], license="GPL", declared_vocab=PADDING + 4, notes=notes,
-                      tokenizer_hints=hints)
-    approximations = [a for a in (model.alibi_approximation(n_head), model.GELU_APPROXIMATION) if a]
-    return MappedCheckpoint(
-        arch=mpt.ARCH, source=info, n_vocab=n_vocab, context_length=layout.context_length,
-        parameter_count=sum(math.prod(shape) for shape in expected.values()) - _shared_kv(path, n_layer, n_embd),
-        metadata=mpt.gguf_metadata(config, model.alibi_bias_for(n_head)),
-        tensors=model.mpt_tensors(layout, config, files.load, files.dtype("transformer.wte.weight")),
-        reference=Reference(model.ParakeetForward(layout), lambda key: files.load(key).float()),
-        approximations=approximations)
 
 
 def _shared_kv(path: Path, n_layer: int, n_embd: int) -> int:

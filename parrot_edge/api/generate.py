@@ -50,9 +50,10 @@ class Job:
 
 async def generate(runtime, engine: Engine, request: Request, job: Job):
     """The response to a prepared request (see app.py for the routes that prepare it)."""
-    generation = _submit(runtime, engine, job, request.client.host if request.client else "unknown")
+    client = request.client.host if request.client else "unknown"
+    generation = _submit(runtime, engine, job, client)
     if not await _left_queue(engine, generation, request):
-        runtime.metrics.record_request(job.endpoint, "disconnected")
+        _client_left(runtime, job, client)
         return JSONResponse({}, status_code=499)
     if not generation.admitted:  # it ended in the queue (timed out, or the server is stopping)
         finished = generation.events.get_nowait()
@@ -71,7 +72,7 @@ def _submit(runtime, engine: Engine, job: Job, client: str) -> Generation:
     try:
         return engine.submit(EngineRequest(prompt=job.tokens, sampling=job.sampling, max_tokens=job.max_tokens,
                                            stop=job.stop, deadline=time.monotonic() + settings.request_timeout,
-                                           client=client))
+                                           client=client, demoted=runtime.clients.in_bad_standing(client)))
     except PromptTooLong as exc:
         runtime.metrics.record_request(job.endpoint, "prompt_too_long")
         raise ApiError(400, str(exc), code="context_length_exceeded", param="messages" if job.chat else "prompt",
@@ -79,6 +80,12 @@ def _submit(runtime, engine: Engine, job: Job, client: str) -> Generation:
     except QueueFull as exc:
         runtime.metrics.record_request(job.endpoint, "queue_full")
         raise busy(str(exc), exc.retry_after, "queue_full") from None
+
+
+def _client_left(runtime, job: Job, client: str) -> None:
+    """A client gone before its answer ended: counted, and in bad standing for a while (fairness.py)."""
+    runtime.metrics.record_request(job.endpoint, "disconnected")
+    runtime.clients.misbehaved(client)
 
 
 async def _disconnected(request: Request) -> None:
@@ -132,7 +139,7 @@ async def _whole(runtime, engine: Engine, generation: Generation, request: Reque
             if getter not in done:
                 getter.cancel()
                 engine.cancel(generation)  # the client left: free the slot within a token
-                runtime.metrics.record_request(job.endpoint, "disconnected")
+                _client_left(runtime, job, generation.request.client)
                 return JSONResponse({}, status_code=499)
             try:
                 event = getter.result()
@@ -198,7 +205,10 @@ async def _stream(runtime, engine: Engine, generation: Generation, job: Job) -> 
     finally:
         if finished is None:  # the client went away mid-stream, or the engine is stuck: stop generating for it
             engine.cancel(generation)
-            runtime.metrics.record_request(job.endpoint, left_by)
+            if left_by == "disconnected":
+                _client_left(runtime, job, generation.request.client)
+            else:
+                runtime.metrics.record_request(job.endpoint, left_by)
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:

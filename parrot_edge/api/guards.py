@@ -53,16 +53,17 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        client = scope["client"][0] if scope.get("client") else "unknown"
         refusal = self._refusal(scope, headers)
         if refusal is None and b"content-length" not in headers and scope["method"] in ("POST", "PUT", "PATCH"):
             receive, refusal = await self._bounded_body(receive)
         if refusal is not None:
+            self.clients.misbehaved(client)
             await error_response(refusal)(scope, receive, send)
             return
         if scope["path"] not in GENERATING:
             await self.app(scope, receive, send)
             return
-        client = scope["client"][0] if scope.get("client") else "unknown"
         if not self.clients.take(client):
             refusal = busy(f"this client already has {self.clients.per_client} requests under way; wait for one "
                            "to finish", self.retry_after(), "too_many_requests", status=429)

@@ -33,6 +33,7 @@ ENGINE_COUNTERS = (
     ("parrot_edge_borrowed_tokens", "borrowed_tokens", "Prompt tokens copied from another slot."),
     ("parrot_edge_shelved", "shelved", "Conversations put aside when their slot was reused."),
     ("parrot_edge_unshelved", "unshelved", "Shelved conversations copied back into a slot."),
+    ("parrot_edge_paused_answers", "paused", "Answers paused to give their slot to a stronger claim (fairness)."),
 )
 
 

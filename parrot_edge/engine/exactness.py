@@ -129,7 +129,7 @@ class StepShaper:
         one step, sampled in the same order from the same values as one by one), or wrong, and its cell is taken
         back. Either way the step costs what the companion would have."""
         tokens = work[slot.seq_id]
-        if (slot.generation is None or not slot.generation.first_token or len(tokens) != 1
+        if (not slot.answering or len(tokens) != 1
                 or len(slot.sequence.tokens) + 2 >= self.ctx_per_slot):  # at the context's end, one by one ends sooner
             return False
         guess = guess_next(slot.sequence.tokens, tokens[0])

@@ -34,6 +34,7 @@ class Request:
     stop: tuple[str, ...] = ()
     deadline: float = float("inf")  # time.monotonic() by which the request must be finished
     client: str = ""  # who asks (see parrot_edge.api.fairness): cache hits are reported only on its own cache
+    demoted: bool = False  # its client misbehaved lately: it waits behind the others and may be paused for them
 
 
 @dataclass
@@ -76,12 +77,20 @@ class Generation:
         self.submitted = time.monotonic()
         self.admitted = 0.0
         self.first_token = 0.0
+        self.reading = True  # no token sampled since it took its slot: reading its prompt (or, resumed, the rest)
+        self.paused: list[int] | None = None  # paused for a fairer claim: what its cells held, to go on from
+        self.sampler = None  # its sampler chain while paused: it goes on where it stopped, random state included
         self.completion_tokens = 0
         self.reused_tokens = 0  # prompt tokens taken from a cache instead of evaluated
         self.reused_own = True  # ... and that cache held this client's own conversation
         self.text_stream = TextStream(request.stop)
         self.admitted_event = asyncio.Event()  # set (on the asyncio side) once it has left the queue: admitted
         # (then `admitted` is its time) or ended there (then its Finished is in `events`)
+
+    @property
+    def context_tokens(self) -> list[int]:
+        """What its slot's cells must hold before it can go on: the prompt, or once paused the answer too."""
+        return self.paused if self.paused is not None else self.request.prompt
 
     @property
     def cached_tokens(self) -> int:
@@ -118,6 +127,7 @@ class EngineStats:
     borrowed_tokens: int = 0  # prompt tokens copied from another slot
     shelved: int = 0
     unshelved: int = 0
+    paused: int = 0  # answers paused to give their slot to a fairer claim (scheduler.py), then resumed
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class Reuse:
         """Fill a newly assigned slot with the best cache for its prompt (its own, or the shelf's), set what
         remains to evaluate, and note on the generation how much was reused and from whose conversation."""
         generation = slot.generation
-        prompt = generation.request.prompt
+        prompt = generation.context_tokens
         sequence = slot.sequence
         shared = common_prefix(sequence.tokens, prompt)
         if len(sequence.tokens) > max(shared, SHELVE_MIN_TOKENS):
@@ -43,8 +43,9 @@ class Reuse:
         # Keep the shared prefix, but evaluate at least the last token: its logits start the answer.
         sequence.keep(min(common_prefix(sequence.tokens, prompt), len(prompt) - 1))
         slot.pending = prompt[len(sequence.tokens):]
-        generation.reused_tokens = len(sequence.tokens)
-        generation.reused_own = sequence.owner == generation.request.client
+        if generation.paused is None:  # a resumed answer's figures are those of its first admission
+            generation.reused_tokens = len(sequence.tokens)
+            generation.reused_own = sequence.owner == generation.request.client
         sequence.owner = generation.request.client
 
     def _shelve(self, slot: Slot) -> None:

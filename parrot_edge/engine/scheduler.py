@@ -1,8 +1,12 @@
 """The scheduler: one worker thread serving every student from one llama.cpp context.
 
 The policy, step by step. Requests wait in a bounded queue (QueueFull → HTTP 503) and take free slots as
-they come free: first the request of the client with the fewest requests answering, then the oldest, so a
-client that floods cannot keep everyone else waiting; each gets its best cache first (reuse.py). Then the
+they come free: first the requests of clients in good standing (api/fairness.py), then the request of the
+client with the fewest requests answering, then the oldest, so a client that floods cannot keep everyone
+else waiting; each gets its best cache first (reuse.py). When every slot is busy, the first waiting request
+may take the slot of an answer with a weaker claim: one of a client in bad standing, or of a client with two
+answers more than its own would have. That answer is paused (its cells stay behind for the shelf, its
+sampler with it) and waits at the head of the queue; resumed, it goes on exactly where it stopped. Then the
 worker loops:
 
   1. select the work: the next token of every answering student, then up to `prefill_chunk` prompt tokens
@@ -25,6 +29,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from parrot_edge import llamacpp
@@ -125,6 +130,7 @@ class Engine:
             generation.cancelled = True
             if generation in self._waiting:
                 self._waiting.remove(generation)
+                self._release_sampler(generation)
                 generation.admitted_event.set()  # it has left the queue (this runs on the asyncio side)
                 generation.events.put_nowait(generation.outcome("cancelled"))
 
@@ -179,10 +185,8 @@ class Engine:
                     if slot.generation is not None:
                         self._end(slot, "error", error=str(exc), keep_cache=False)
             self._outbox.deliver()
-        for generation in self._waiting:
-            self._outbox.post(generation, None)
-            self._outbox.post(generation, generation.outcome("error", error="server shutting down"))
-        self._waiting.clear()
+        for generation in list(self._waiting):
+            self._end_waiting(generation, "error", "server shutting down")
         for slot in self._slots:
             if slot.generation is not None:
                 self._end(slot, "error", error="server shutting down", keep_cache=False)
@@ -209,13 +213,15 @@ class Engine:
         """Move waiting requests into free slots, in arrival order (called with the lock held)."""
         now = time.monotonic()
         for generation in [g for g in self._waiting if now > g.request.deadline]:
-            self._waiting.remove(generation)
-            self._outbox.post(generation, None)
-            self._outbox.post(generation, generation.outcome("timeout"))
+            self._end_waiting(generation, "timeout")
+        pauses = 0
         while self._waiting:
             free = [slot for slot in self._slots if slot.generation is None]
             if not free:
-                return
+                if pauses == self.slots_total or not self._make_room():
+                    return
+                pauses += 1
+                continue
             generation = self._next_waiting()
             slot = self._reuse.choose_slot(free, generation.request.prompt)
             try:
@@ -225,21 +231,61 @@ class Engine:
                 slot.generation = generation
                 self._end(slot, "error", error=str(exc), keep_cache=False)
 
+    def _claims(self) -> tuple[Callable[[Generation], tuple[bool, int]], Generation]:
+        """How strong a request's claim to a slot is (smaller is stronger: its client in good standing, then
+        with fewer answers in slots), and the waiting request with the strongest (the first of equals)."""
+        holding = collections.Counter(slot.generation.request.client for slot in self._slots if slot.generation)
+
+        def claim(generation: Generation) -> tuple[bool, int]:
+            return generation.request.demoted, holding[generation.request.client]
+        return claim, min(self._waiting, key=claim)
+
     def _next_waiting(self) -> Generation:
-        """The waiting request to admit next: its client's fewest answering, then arrival order."""
-        answering = collections.Counter(slot.generation.request.client for slot in self._slots if slot.generation)
-        generation = min(self._waiting, key=lambda g: answering[g.request.client])  # min keeps the first of equals
+        _, generation = self._claims()
         self._waiting.remove(generation)
         return generation
 
+    def _make_room(self) -> bool:
+        """Every slot is busy: pause the answer with the weakest claim if the first waiting request's is
+        stronger even once admitted (so two equals never take turns pausing each other). True: a slot is free."""
+        claim, first = self._claims()
+        answers = [slot for slot in self._slots
+                   if slot.answering and not slot.generation.cancelled and slot.seq_id not in self._suspects]
+        if not answers:
+            return False
+        weakest = max(answers, key=lambda slot: (claim(slot.generation), slot.generation.admitted))
+        demoted, holding = claim(first)
+        if claim(weakest.generation) <= (demoted, holding + 1):
+            return False
+        generation = weakest.generation
+        generation.paused = weakest.sequence.tokens + weakest.pending  # the last sampled token, not yet evaluated
+        generation.sampler, weakest.sampler = weakest.sampler, None
+        weakest.pending, weakest.generation, weakest.last_used = [], None, time.monotonic()
+        self._waiting.appendleft(generation)
+        self.stats.paused += 1
+        return True
+
     def _assign(self, slot: Slot, generation: Generation, now: float) -> None:
         request = generation.request
-        generation.admitted = now
         slot.generation = generation
+        generation.reading = True
         self._reuse.prepare(slot)
-        self._reuse.find_lender(slot)
-        slot.sampler = build_chain(self.context.lib, self.context.vocab, request.sampling, request.prompt)
+        if generation.paused is None:
+            generation.admitted = now
+            self._reuse.find_lender(slot)
+            slot.sampler = build_chain(self.context.lib, self.context.vocab, request.sampling, request.prompt)
+        else:  # resumed: its cells came back from the shelf (or are read again), its sampler goes on
+            slot.sampler, generation.sampler, generation.paused = generation.sampler, None, None
         self._outbox.post(generation, None)  # it has left the queue
+
+    def _end_waiting(self, generation: Generation, reason: str, error: str | None = None) -> None:
+        """End a request in the queue (out of time, or the server stopping); a paused answer's last text too."""
+        self._waiting.remove(generation)
+        self._release_sampler(generation)
+        self._outbox.post(generation, None)
+        if generation.paused is not None and (tail := generation.text_stream.finish()):
+            self._outbox.post(generation, Delta(tail))
+        self._outbox.post(generation, generation.outcome(reason, error))
 
     def _step(self) -> None:
         self._end_or_borrow()
@@ -372,6 +418,7 @@ class Engine:
         """A sampled token: the end of the answer, or text for the client and the next token to evaluate."""
         generation = slot.generation
         request = generation.request
+        generation.reading = False
         if generation.first_token == 0:
             generation.first_token = time.monotonic()
         if self.context.ends_generation(token):
@@ -409,7 +456,8 @@ class Engine:
         self._service_seconds = 0.9 * self._service_seconds + 0.1 * in_slot
         self._outbox.post(generation, finished)  # last: whoever reads it sees the slot already free
 
-    def _release_sampler(self, slot: Slot) -> None:
-        if slot.sampler is not None:
-            self.context.lib.llama_sampler_free(slot.sampler)
-            slot.sampler = None
+    def _release_sampler(self, holder: Slot | Generation) -> None:
+        """Free the sampler chain of a slot, or of a paused answer that ends in the queue."""
+        if holder.sampler is not None:
+            self.context.lib.llama_sampler_free(holder.sampler)
+            holder.sampler = None

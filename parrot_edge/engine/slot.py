@@ -26,9 +26,9 @@ class Slot:
 
     @property
     def prefilling(self) -> bool:
-        """Reading its prompt: no token sampled yet."""
-        return self.generation is not None and not self.generation.first_token
+        """Reading its prompt (or a resumed answer's cells that were not kept): no token sampled in this slot."""
+        return self.generation is not None and self.generation.reading
 
     @property
     def answering(self) -> bool:
-        return self.generation is not None and bool(self.generation.first_token)
+        return self.generation is not None and not self.generation.reading
