@@ -23,7 +23,7 @@ from parrot_edge import __version__
 from parrot_edge.api import watchdog
 from parrot_edge.api.chat_template import DEFAULT_CHAT_TEMPLATE, DEFAULT_STOP, TemplateError
 from parrot_edge.api.errors import ApiError, install_handlers
-from parrot_edge.api.fairness import ClientLimit
+from parrot_edge.api.fairness import ClientLimit, client_address
 from parrot_edge.api.generate import Job, generate
 from parrot_edge.api.guards import Guard, allowed_host_names
 from parrot_edge.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -152,6 +152,8 @@ def _routes(app: FastAPI, runtime: Runtime) -> None:
         _check_length(sum(len(m["content"]) for m in messages), settings, "messages")
         template = engine.info.chat_template
         tokens = await _off_loop(runtime, runtime.prompts.chat, template, messages)
+        if messages and runtime.prompts.holds_control_text(messages[-1]["content"]):
+            runtime.clients.misbehaved(client_address(request.scope))  # a try at forging a turn: see fairness.py
         stop = body.stop_strings() + (DEFAULT_STOP if template in (None, DEFAULT_CHAT_TEMPLATE) else ())
         return await generate(runtime, engine, request, _job(engine, body, tokens, stop, settings, chat=True))
 

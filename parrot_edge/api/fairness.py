@@ -5,10 +5,11 @@ and everything on this machine as one (its kiosk and the OS's apps; a benchmark 
 gives each its own loopback address, 127.0.0.2, 127.0.0.3, …). Requests of one client at once, queued or
 answering, are capped; one more gets 429 with Retry-After, before its body is even read (guards.py).
 
-A client that misbehaved lately (refused for flooding or an over-large body, or gone before its answer ended)
-is in bad standing for STANDING_SECONDS: its requests wait behind everyone else's, and the engine may pause
-one of its answers to give a well-behaved student the slot (engine/scheduler.py). Only touched from the event
-loop: no lock.
+A client that misbehaved lately (refused for flooding or an over-large body, gone before its answer ended, or
+sending a message with a control token's text: answered, as text, but a try at forging a turn) is in bad
+standing for STANDING_SECONDS: its requests wait behind everyone else's, and the engine may pause one of its
+answers to give a well-behaved student the slot (engine/scheduler.py). Only touched from the event loop: no
+lock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import collections
 import time
 
 STANDING_SECONDS = 30.0  # how long a misbehaviour counts: a crashed kiosk that comes back is soon equal again
+
+
+def client_address(scope: dict) -> str:
+    """Who sent a request (its ASGI scope): its peer address."""
+    return scope["client"][0] if scope.get("client") else "unknown"
 
 
 class ClientLimit:

@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from parrot_edge.api.errors import ApiError, busy
+from parrot_edge.api.fairness import client_address
 from parrot_edge.engine.requests import Delta, Finished, Generation, PromptTooLong, QueueFull
 from parrot_edge.engine.requests import Request as EngineRequest
 from parrot_edge.engine.sampling import SamplingParams
@@ -50,7 +51,7 @@ class Job:
 
 async def generate(runtime, engine: Engine, request: Request, job: Job):
     """The response to a prepared request (see app.py for the routes that prepare it)."""
-    client = request.client.host if request.client else "unknown"
+    client = client_address(request.scope)
     generation = _submit(runtime, engine, job, client)
     if not await _left_queue(engine, generation, request):
         _client_left(runtime, job, client)

@@ -9,7 +9,7 @@ import hmac
 from collections.abc import Callable
 
 from parrot_edge.api.errors import ApiError, busy, error_response
-from parrot_edge.api.fairness import ClientLimit
+from parrot_edge.api.fairness import ClientLimit, client_address
 
 GENERATING = ("/v1/chat/completions", "/v1/completions")  # the routes that hold a place in the engine
 
@@ -53,7 +53,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        client = scope["client"][0] if scope.get("client") else "unknown"
+        client = client_address(scope)
         refusal = self._refusal(scope, headers)
         if refusal is None and b"content-length" not in headers and scope["method"] in ("POST", "PUT", "PATCH"):
             receive, refusal = await self._bounded_body(receive)

@@ -126,6 +126,7 @@ class Answer:
     seconds: float
     text: str
     longest_gap: float = 0.0  # the longest wait between two pieces of text, after the first
+    queued: float = float("nan")  # of the time to first token, waiting for a slot (parrot-edge's timings)
 
 
 def student_address(student: int) -> str:
@@ -185,13 +186,15 @@ async def stream_chat(url: str, model: str, messages: list[dict], max_tokens: in
         path, body["prompt"] = "/v1/completions", completions_prompt
     start = time.perf_counter()
     first = last = None
-    chunks, usage_tokens, parts, gap = 0, None, [], 0.0
+    chunks, usage_tokens, parts, gap, queued = 0, None, [], 0.0, float("nan")
     async for line in _sse_lines(url, path, body, source):
         if not line.startswith(b"data: ") or line.rstrip() == b"data: [DONE]":
             continue
         payload = json.loads(line[6:])
         if payload.get("usage"):
             usage_tokens = payload["usage"].get("completion_tokens")
+        if "queued_ms" in (payload.get("timings") or {}):
+            queued = payload["timings"]["queued_ms"] / 1000
         for choice in payload.get("choices") or []:
             piece = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
             if piece:
@@ -203,7 +206,7 @@ async def stream_chat(url: str, model: str, messages: list[dict], max_tokens: in
                 parts.append(piece)
     end = time.perf_counter()
     return Answer(ttft=(first or end) - start, tokens=usage_tokens or chunks, seconds=end - start,
-                  text="".join(parts), longest_gap=gap)
+                  text="".join(parts), longest_gap=gap, queued=queued)
 
 
 async def model_id(url: str) -> str:

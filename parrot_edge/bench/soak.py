@@ -180,17 +180,30 @@ async def _soak(server, args) -> int:
     await students(url, model, args.students, time.monotonic() + 5, args.tokens, Tally())  # warm up
     rss_start = process.memory_info().rss
     clean, rough = Tally(), Tally()
+    cpu = [_cpu_seconds(process)]
     print(f"soak: {args.students} students streaming, {args.seconds:.0f} s clean then {args.seconds:.0f} s with "
           f"hostile clients beside them; {args.slots} slots", file=sys.stderr)
     await students(url, model, args.students, time.monotonic() + args.seconds, args.tokens, clean)
     rss_before = process.memory_info().rss  # after a clean run as long: the shelf has filled as it would
+    cpu.append(_cpu_seconds(process))
     until = time.monotonic() + args.seconds
     await asyncio.gather(students(url, model, args.students, until, args.tokens, rough),
                          hostile(url, model, until, rough))
     rss_after = process.memory_info().rss
+    cpu.append(_cpu_seconds(process))
     health = await _settled(url)
     rss_idle = process.memory_info().rss
+    (server_0, clients_0), (server_1, clients_1), (server_2, clients_2) = cpu
+    print(f"CPU seconds used (server / this benchmark's clients): clean {server_1 - server_0:.1f} / "
+          f"{clients_1 - clients_0:.1f}, hostile {server_2 - server_1:.1f} / {clients_2 - clients_1:.1f}")
     return _report(clean, rough, (rss_start, rss_before, rss_after, rss_idle), health)
+
+
+def _cpu_seconds(server: psutil.Process) -> tuple[float, float]:
+    """CPU time so far of the server, and of this process (the students and the hostile clients): all on the
+    same cores, so a client that costs CPU here slows the server as it would not from another computer."""
+    used = [sum(p.cpu_times()[:2]) for p in (server, psutil.Process())]
+    return used[0], used[1]
 
 
 def _report(clean: Tally, rough: Tally, rss: tuple[int, int, int, int], health: dict) -> int:
@@ -198,6 +211,10 @@ def _report(clean: Tally, rough: Tally, rss: tuple[int, int, int, int], health: 
     errors = clean.server_errors + rough.server_errors
     print(f"{'':24} {'clean':>9} {'hostile':>9}")
     print(f"{'answers':24} {len(clean.answers):>9} {len(rough.answers):>9}")
+    p50 = [percentile([a.ttft for a in tally.answers], 50) for tally in (clean, rough)]
+    print(f"{'TTFT p50':24} {p50[0]:>8.2f}s {p50[1]:>8.2f}s")
+    queued = [percentile([a.queued for a in tally.answers], 95) for tally in (clean, rough)]
+    print(f"{'  of it queued, p95':24} {queued[0]:>8.2f}s {queued[1]:>8.2f}s")
     print(f"{'TTFT p95':24} {clean_p95:>8.2f}s {rough_p95:>8.2f}s   ({rough_p95 / clean_p95:.2f}×)")
     print(f"{'longest gap in a stream':24} {clean_gap:>8.2f}s {rough_gap:>8.2f}s")
     print("responses: " + ", ".join(f"{key} ×{n}" for key, n in sorted(rough.statuses.items())))

@@ -78,7 +78,8 @@ class Generation:
         self.admitted = 0.0
         self.first_token = 0.0
         self.reading = True  # no token sampled since it took its slot: reading its prompt (or, resumed, the rest)
-        self.paused: list[int] | None = None  # paused for a fairer claim: what its cells held, to go on from
+        self.paused: list[int] | None = None  # paused for a stronger claim: what its cells held, to go on from
+        # (until it samples again)
         self.sampler = None  # its sampler chain while paused: it goes on where it stopped, random state included
         self.completion_tokens = 0
         self.reused_tokens = 0  # prompt tokens taken from a cache instead of evaluated

@@ -6,8 +6,8 @@ client with the fewest requests answering, then the oldest, so a client that flo
 else waiting; each gets its best cache first (reuse.py). When every slot is busy, the first waiting request
 may take the slot of an answer with a weaker claim: one of a client in bad standing, or of a client with two
 answers more than its own would have. That answer is paused (its cells stay behind for the shelf, its
-sampler with it) and waits at the head of the queue; resumed, it goes on exactly where it stopped. Then the
-worker loops:
+sampler with it) and waits at the head of the queue; resumed, it goes on exactly where it stopped (a request
+still reading its prompt goes back to the queue as it came). Then the worker loops:
 
   1. select the work: the next token of every answering student, then up to `prefill_chunk` prompt tokens
      of the students still reading their prompt, oldest first, at most SEQ_ROWS - 1 of each, so a long
@@ -249,18 +249,22 @@ class Engine:
         """Every slot is busy: pause the answer with the weakest claim if the first waiting request's is
         stronger even once admitted (so two equals never take turns pausing each other). True: a slot is free."""
         claim, first = self._claims()
-        answers = [slot for slot in self._slots
-                   if slot.answering and not slot.generation.cancelled and slot.seq_id not in self._suspects]
-        if not answers:
+        busy = [slot for slot in self._slots
+                if slot.generation and not slot.generation.cancelled and slot.seq_id not in self._suspects]
+        if not busy:
             return False
-        weakest = max(answers, key=lambda slot: (claim(slot.generation), slot.generation.admitted))
+        weakest = max(busy, key=lambda slot: (claim(slot.generation), slot.generation.admitted))
         demoted, holding = claim(first)
         if claim(weakest.generation) <= (demoted, holding + 1):
             return False
         generation = weakest.generation
-        generation.paused = weakest.sequence.tokens + weakest.pending  # the last sampled token, not yet evaluated
-        generation.sampler, weakest.sampler = weakest.sampler, None
-        weakest.pending, weakest.generation, weakest.last_used = [], None, time.monotonic()
+        if generation.first_token:  # it has answered: paused where it stands, its sampler with it
+            if weakest.answering:  # (else it was reading its conversation again: `paused` still holds it)
+                generation.paused = weakest.sequence.tokens + weakest.pending  # the last sample not yet evaluated
+            generation.sampler, weakest.sampler = weakest.sampler, None
+        else:  # still reading its prompt: back in the queue as it came, the cells it read left for whoever
+            self._release_sampler(weakest)
+        weakest.pending, weakest.generation, weakest.lender, weakest.last_used = [], None, None, time.monotonic()
         self._waiting.appendleft(generation)
         self.stats.paused += 1
         return True
@@ -275,7 +279,7 @@ class Engine:
             self._reuse.find_lender(slot)
             slot.sampler = build_chain(self.context.lib, self.context.vocab, request.sampling, request.prompt)
         else:  # resumed: its cells came back from the shelf (or are read again), its sampler goes on
-            slot.sampler, generation.sampler, generation.paused = generation.sampler, None, None
+            slot.sampler, generation.sampler = generation.sampler, None
         self._outbox.post(generation, None)  # it has left the queue
 
     def _end_waiting(self, generation: Generation, reason: str, error: str | None = None) -> None:
@@ -418,7 +422,7 @@ class Engine:
         """A sampled token: the end of the answer, or text for the client and the next token to evaluate."""
         generation = slot.generation
         request = generation.request
-        generation.reading = False
+        generation.reading, generation.paused = False, None
         if generation.first_token == 0:
             generation.first_token = time.monotonic()
         if self.context.ends_generation(token):
