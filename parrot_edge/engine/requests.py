@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -66,10 +65,7 @@ class Finished:
 class Generation:
     """A request in the engine; the asyncio side reads `events` and may `Engine.cancel()` it at any time."""
 
-    _ids = itertools.count(1)
-
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
-        self.id = next(self._ids)
         self.request = request
         self.events: asyncio.Queue[Delta | Finished] = asyncio.Queue()
         self.loop = loop
@@ -116,7 +112,6 @@ class EngineStats:
     """Counters since start (shown in /metrics)."""
 
     steps: int = 0  # llama_decode calls
-    batch_tokens: int = 0  # rows decoded
     decode_errors: int = 0
     isolated_steps: int = 0  # steps of one sequence alone, after a failed step, to find which one failed
     throwaway_rows: int = 0  # rows evaluated only to fill a group of 4 for repacked weights (padding.py)

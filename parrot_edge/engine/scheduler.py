@@ -376,7 +376,6 @@ class Engine:
         rows = self.context.batch.rows
         result = self.context.decode()
         self.stats.steps += 1
-        self.stats.batch_tokens += rows
         self.batch_sizes[rows] += 1
         if result == 0:
             return True
