@@ -5,11 +5,14 @@ and everything on this machine as one (its kiosk and the OS's apps; a benchmark 
 gives each its own loopback address, 127.0.0.2, 127.0.0.3, …). Requests of one client at once, queued or
 answering, are capped; one more gets 429 with Retry-After, before its body is even read (guards.py).
 
-A client that misbehaved lately (refused for flooding or an over-large body, gone before its answer ended, or
-sending a message with a control token's text: answered, as text, but a try at forging a turn) is in bad
-standing for STANDING_SECONDS: its requests wait behind everyone else's, and the engine may pause one of its
-answers to give a well-behaved student the slot (engine/scheduler.py). Only touched from the event loop: no
-lock.
+A client's standing is a score of its misbehaviour: 3 points for each refusal (flooding, an over-large body)
+or message with a control token's text (answered, as text, but a try at forging a turn), 1.5 for each answer
+it left before its end (a student stopping one now and then stays in good standing; a broken kiosk or a bot,
+leaving one every 40 s or more often, does not). The score halves every HALF_LIFE seconds, up to SCORE_CAP;
+above BAD_STANDING the client is in bad standing (after one refusal for about 8 s, after a flood for up to a
+minute). A request of a client in bad standing waits behind everyone else's, is served from spare room only,
+and the engine may pause one of its answers to give a well-behaved student the slot (engine/scheduler.py).
+Only touched from the event loop: no lock.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from __future__ import annotations
 import collections
 import time
 
-STANDING_SECONDS = 30.0  # how long a misbehaviour counts: a crashed kiosk that comes back is soon equal again
+HALF_LIFE = 30.0  # seconds in which a client's misbehaviour score halves
+BAD_STANDING = 2.5  # above it: bad standing (one refusal; two answers left within 17 s)
+SCORE_CAP = 10.0  # however long a flood, it is forgotten a minute after it stops
+REFUSAL, LEFT = 3.0, 1.5  # the points of a refusal (or a forged turn) and of an answer left before its end
 
 
 def client_address(scope: dict) -> str:
@@ -29,7 +35,7 @@ class ClientLimit:
     def __init__(self, per_client: int):
         self.per_client = per_client  # 0: no limit
         self._active: collections.Counter[str] = collections.Counter()
-        self._misbehaved: dict[str, float] = {}  # client → when it last misbehaved (time.monotonic())
+        self._scores: dict[str, tuple[float, float]] = {}  # client → (misbehaviour score, when it was set)
 
     def take(self, client: str) -> bool:
         """A place for one more request of `client`, or False when it already has its share."""
@@ -44,15 +50,14 @@ class ClientLimit:
         if self._active[client] <= 0:
             del self._active[client]
 
-    def misbehaved(self, client: str) -> None:
-        self._misbehaved[client] = time.monotonic()
-        if len(self._misbehaved) > 4096:  # a LAN's worth of addresses: forget the ones long in good standing
-            self._misbehaved = {c: t for c, t in self._misbehaved.items() if not self._expired(t)}
+    def misbehaved(self, client: str, points: float = REFUSAL) -> None:
+        self._scores[client] = (min(SCORE_CAP, self._score(client) + points), time.monotonic())
+        if len(self._scores) > 4096:  # a LAN's worth of addresses: forget the ones back to nothing
+            self._scores = {c: value for c, value in self._scores.items() if self._score(c) > 0.1}
 
     def in_bad_standing(self, client: str) -> bool:
-        when = self._misbehaved.get(client)
-        return when is not None and not self._expired(when)
+        return self._score(client) > BAD_STANDING
 
-    @staticmethod
-    def _expired(when: float) -> bool:
-        return time.monotonic() - when > STANDING_SECONDS
+    def _score(self, client: str) -> float:
+        score, when = self._scores.get(client, (0.0, 0.0))
+        return score * 0.5 ** ((time.monotonic() - when) / HALF_LIFE)

@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from parrot_edge.api.errors import ApiError, busy
-from parrot_edge.api.fairness import client_address
+from parrot_edge.api.fairness import LEFT, client_address
 from parrot_edge.engine.requests import Delta, Finished, Generation, PromptTooLong, QueueFull
 from parrot_edge.engine.requests import Request as EngineRequest
 from parrot_edge.engine.sampling import SamplingParams
@@ -84,9 +84,9 @@ def _submit(runtime, engine: Engine, job: Job, client: str) -> Generation:
 
 
 def _client_left(runtime, job: Job, client: str) -> None:
-    """A client gone before its answer ended: counted, and in bad standing for a while (fairness.py)."""
+    """A client gone before its answer ended: counted, and a point against its standing (fairness.py)."""
     runtime.metrics.record_request(job.endpoint, "disconnected")
-    runtime.clients.misbehaved(client)
+    runtime.clients.misbehaved(client, LEFT)
 
 
 async def _disconnected(request: Request) -> None:

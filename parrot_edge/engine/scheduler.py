@@ -3,7 +3,8 @@
 The policy, step by step. Requests wait in a bounded queue (QueueFull → HTTP 503) and take free slots as
 they come free: first the requests of clients in good standing (api/fairness.py), then the request of the
 client with the fewest requests answering, then the oldest, so a client that floods cannot keep everyone
-else waiting; each gets its best cache first (reuse.py). When every slot is busy, the first waiting request
+else waiting; each gets its best cache first (reuse.py). A client in bad standing never takes the last free
+slot while clients in good standing answer. When every slot is busy, the first waiting request
 may take the slot of an answer with a weaker claim: one of a client in bad standing, or of a client with two
 answers more than its own would have. That answer is paused (its cells stay behind for the shelf, its
 sampler with it) and waits at the head of the queue; resumed, it goes on exactly where it stopped (a request
@@ -210,7 +211,7 @@ class Engine:
                 return
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, in arrival order (called with the lock held)."""
+        """Move waiting requests into free slots, strongest claim first (called with the lock held)."""
         now = time.monotonic()
         for generation in [g for g in self._waiting if now > g.request.deadline]:
             self._end_waiting(generation, "timeout")
@@ -222,8 +223,10 @@ class Engine:
                     return
                 pauses += 1
                 continue
-            generation = self._next_waiting()
-            slot = self._reuse.choose_slot(free, generation.request.prompt)
+            generation = self._next_waiting(len(free))
+            if generation is None:
+                return
+            slot = self._reuse.choose_slot(free, generation.context_tokens)
             try:
                 self._assign(slot, generation, now)
             except Exception as exc:  # never let one request take the worker down
@@ -240,8 +243,14 @@ class Engine:
             return generation.request.demoted, holding[generation.request.client]
         return claim, min(self._waiting, key=claim)
 
-    def _next_waiting(self) -> Generation:
+    def _next_waiting(self, free: int) -> Generation | None:
+        """The waiting request with the strongest claim, out of the queue; None when it is one in bad standing
+        and would take the last free slot while clients in good standing answer: that slot is kept for their
+        next turn (a client in bad standing is served from spare room only)."""
         _, generation = self._claims()
+        if generation.request.demoted and free == 1 and any(
+                slot.generation and not slot.generation.request.demoted for slot in self._slots):
+            return None
         self._waiting.remove(generation)
         return generation
 
