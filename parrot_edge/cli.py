@@ -233,7 +233,9 @@ def _bench_serving_commands(bsub) -> None:
     p.add_argument("--model")
     p.add_argument("--students", type=int, default=4)
     p.add_argument("--slots", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=60, help="length of each of the two runs")
+    p.add_argument("--seconds", type=float, default=120,
+                   help="length of each of the two runs (every hostile client is in good standing at first: a "
+                        "shorter run weighs its first seconds more)")
     p.add_argument("--tokens", type=int, default=64, help="answer length")
 
 

@@ -6,6 +6,10 @@ surrogates, control-token text, prompts over the context, clients that disconnec
 streaming), and one client flooding requests. Printed, for the students: time to first token (p95) and the
 longest pause between two pieces of an answer, clean vs hostile; every 5xx anyone got; the server's RSS before,
 after and once idle; and whether slots and queue came back to idle. Bounded in time; loopback only.
+
+Every hostile client starts in good standing (api/fairness.py): until its first misbehaviour it is a student
+like the others and takes its turn in a slot. Those first seconds are what a short run measures most of, so
+the default is two runs of 120 s.
 """
 
 from __future__ import annotations
