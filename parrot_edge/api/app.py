@@ -151,8 +151,8 @@ def _routes(app: FastAPI, runtime: Runtime) -> None:
                            code="too_many_messages")
         _check_length(sum(len(m["content"]) for m in messages), settings, "messages")
         template = engine.info.chat_template
-        tokens = await _off_loop(runtime, runtime.prompts.chat, template, messages)
-        if messages and runtime.prompts.holds_control_text(messages[-1]["content"]):
+        tokens, forged = await _off_loop(runtime, _chat_prompt, runtime.prompts, template, messages)
+        if forged:
             runtime.clients.misbehaved(client_address(request.scope))  # a try at forging a turn: see fairness.py
         stop = body.stop_strings() + (DEFAULT_STOP if template in (None, DEFAULT_CHAT_TEMPLATE) else ())
         return await generate(runtime, engine, request, _job(engine, body, tokens, stop, settings, chat=True))
@@ -185,7 +185,13 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
-async def _off_loop(runtime: Runtime, build, *args) -> list[int]:
+def _chat_prompt(prompts: PromptBuilder, template: str | None, messages: list[dict]) -> tuple[list[int], bool]:
+    """A chat's prompt tokens, and whether its new message holds a control token's text (a try at forging a
+    turn): both searches of the text, off the event loop."""
+    return prompts.chat(template, messages), bool(messages) and prompts.holds_control_text(messages[-1]["content"])
+
+
+async def _off_loop(runtime: Runtime, build, *args):
     """Render and tokenise in a worker thread: a long conversation must not pause everyone's stream."""
     try:
         return await asyncio.get_running_loop().run_in_executor(runtime.prompt_pool, build, *args)
