@@ -4,7 +4,8 @@ The server checks the plan before loading a model, and the batching engine takes
 slots (students served at once) from it. The estimate, in bytes, for the engine's context (see
 parrot_edge.engine.context.context_params: flash attention, micro-batches of at most 256 rows):
 
-  weights   = the GGUF's size             llama.cpp maps the file, and every decode step reads all of it
+  weights   = the GGUF's size             llama.cpp maps the file (reads it, when it repacks the weights:
+                                          llamacpp.load_model), and every decode step reads all of it
   kv_cache  = n_layer × slots × ctx_per_slot × (k_dim + v_dim) × 2     f16 keys and values, every cell
   overhead  = activations + attention + logits + margin + shelf
     activations = ubatch × (12·n_embd + 2·n_ff) × 4     what a full micro-batch touches of llama.cpp's
