@@ -16,7 +16,7 @@ from parrot_edge import llamacpp
 from parrot_edge.api.chat_template import render_chat
 from parrot_edge.engine.context import context_params
 from parrot_edge.engine.exactness import guess_next
-from parrot_edge.engine.requests import Finished, PromptTooLong, QueueFull, Request
+from parrot_edge.engine.requests import Finished, PromptTooLong, QueueFull, Request, Standing
 from parrot_edge.engine.sampling import SamplingParams
 from parrot_edge.engine.scheduler import BURST_GAP, Engine
 from parrot_edge.engine.shelf import common_prefix
@@ -301,6 +301,54 @@ def test_an_answer_paused_for_a_fairer_claim_goes_on_exactly(default_gguf, shelf
         assert paused.state().slots_busy == 0 and paused.state().queue_depth == 0
     finally:
         paused.close()
+
+
+async def until_finished(generation) -> Finished:
+    while not isinstance(event := await generation.events.get(), Finished):
+        pass
+    return event
+
+
+@pytest.mark.parametrize(("holder", "asker", "pauses"), [(Standing.NOTICED, Standing.GOOD, True),
+                                                        (Standing.GOOD, Standing.NOTICED, False),
+                                                        (Standing.NOTICED, Standing.NOTICED, False)])
+def test_a_client_on_notice_yields_its_slot_to_an_equal_in_good_standing(default_gguf, holder, asker, pauses):
+    """One slot, client a answering, client b asking, each holding one answer once b is admitted: only a client
+    on notice gives its slot up to one in good standing; two equals never pause each other."""
+    engine = Engine(default_gguf, name="notice", slots=1, ctx_per_slot=1024, prefill_chunk=64)
+
+    def request(client: str, standing: Standing, max_tokens: int) -> Request:
+        return Request(prompt=chat_tokens(engine, [{"role": "user", "content": "Tell me a long story."}]),
+                       sampling=SamplingParams(temperature=0, logit_bias=NO_END), max_tokens=max_tokens,
+                       client=client, standing=standing)
+
+    async def scenario():
+        story = engine.submit(request("a", holder, 1000))
+        await story.events.get()  # a is answering
+        asked = engine.submit(request("b", asker, 4))
+        if pauses:
+            await until_finished(asked)
+            pieces = [story.events.get_nowait() for _ in range(story.events.qsize())]
+            if any(isinstance(piece, Finished) for piece in pieces):
+                return False  # a's story ended first
+            engine.cancel(story)
+            await until_finished(story)
+            answered_first = True
+        else:
+            for _ in range(40):  # forty more of a's steps, each a chance to admit b
+                await story.events.get()
+            answered_first = asked.admitted_event.is_set()
+            engine.cancel(story)
+            await until_finished(story)
+            await until_finished(asked)
+        return answered_first
+
+    try:
+        assert asyncio.run(scenario()) == pauses
+        assert engine.stats.paused == (1 if pauses else 0)
+        assert engine.state().slots_busy == 0 and engine.state().queue_depth == 0
+    finally:
+        engine.close()
 
 
 TEACHER = ("You are a patient teacher in a rural school. Answer simply, kindly and briefly, "

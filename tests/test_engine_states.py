@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from parrot_edge.engine.requests import Finished, QueueFull, Request
+from parrot_edge.engine.requests import Finished, QueueFull, Request, Standing
 from parrot_edge.engine.sampling import SamplingParams
 from parrot_edge.engine.scheduler import Engine
 
@@ -40,13 +40,13 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(prompt=st.sampled_from(PROMPTS), extra=st.lists(st.integers(2, 400), max_size=30),
           max_tokens=st.integers(1, 40), greedy=st.booleans(), deadline=st.sampled_from([None, 0.0, 0.05, 0.5]),
-          client=st.sampled_from("abc"), demoted=st.booleans())
-    def submit(self, prompt, extra, max_tokens, greedy, deadline, client, demoted):
-        # several clients, some in bad standing: answers are paused for stronger claims and resumed
+          client=st.sampled_from("abc"), standing=st.sampled_from(Standing))
+    def submit(self, prompt, extra, max_tokens, greedy, deadline, client, standing):
+        # several clients, some on notice or in bad standing: answers are paused for stronger claims and resumed
         sampling = SamplingParams(temperature=0) if greedy else SamplingParams(seed=7)
         ends = time.monotonic() + deadline if deadline is not None else float("inf")
         request = Request(prompt=prompt + extra, sampling=sampling, max_tokens=max_tokens, client=client,
-                          demoted=demoted, deadline=ends)
+                          standing=standing, deadline=ends)
         with contextlib.suppress(QueueFull):
             self.live.append(self.engine.submit(request, self.loop))
         self.tries += 1

@@ -12,6 +12,8 @@ leaving one every 40 s or more often, does not). The score halves every HALF_LIF
 above BAD_STANDING the client is in bad standing (after one refusal for about 8 s, after a flood for up to a
 minute). A request of a client in bad standing waits behind everyone else's, is served from spare room only,
 and the engine may pause one of its answers to give a well-behaved student the slot (engine/scheduler.py).
+Above NOTICE it is on notice (for 48 s after an answer left, 77 s after a refusal): where its claim to a slot
+equals that of a client in good standing, it yields, and may be paused for it.
 Only touched from the event loop: no lock.
 """
 
@@ -20,8 +22,11 @@ from __future__ import annotations
 import collections
 import time
 
+from parrot_edge.engine.requests import Standing
+
 HALF_LIFE = 30.0  # seconds in which a client's misbehaviour score halves
 BAD_STANDING = 2.5  # above it: bad standing (one refusal; two answers left within 17 s)
+NOTICE = 0.5  # above it: on notice (for 48 s after one answer left, 77 s after one refusal)
 SCORE_CAP = 10.0  # however long a flood, it is forgotten a minute after it stops
 REFUSAL, LEFT = 3.0, 1.5  # the points of a refusal (or a forged turn) and of an answer left before its end
 
@@ -55,8 +60,9 @@ class ClientLimit:
         if len(self._scores) > 4096:  # a LAN's worth of addresses: forget the ones back to nothing
             self._scores = {c: value for c, value in self._scores.items() if self._score(c) > 0.1}
 
-    def in_bad_standing(self, client: str) -> bool:
-        return self._score(client) > BAD_STANDING
+    def standing(self, client: str) -> Standing:
+        score = self._score(client)
+        return Standing.BAD if score > BAD_STANDING else Standing.NOTICED if score > NOTICE else Standing.GOOD
 
     def _score(self, client: str) -> float:
         score, when = self._scores.get(client, (0.0, 0.0))

@@ -73,7 +73,7 @@ def _submit(runtime, engine: Engine, job: Job, client: str) -> Generation:
     try:
         return engine.submit(EngineRequest(prompt=job.tokens, sampling=job.sampling, max_tokens=job.max_tokens,
                                            stop=job.stop, deadline=time.monotonic() + settings.request_timeout,
-                                           client=client, demoted=runtime.clients.in_bad_standing(client)))
+                                           client=client, standing=runtime.clients.standing(client)))
     except PromptTooLong as exc:
         runtime.metrics.record_request(job.endpoint, "prompt_too_long")
         raise ApiError(400, str(exc), code="context_length_exceeded", param="messages" if job.chat else "prompt",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,13 @@ class PromptTooLong(ParrotEdgeError):
         self.limit = limit
 
 
+class Standing(enum.IntEnum):
+    """How a request's client behaved lately (parrot_edge.api.fairness keeps the score): better first."""
+    GOOD = 0
+    NOTICED = 1  # left an answer or was refused lately: among equal claims it yields to a client in good standing
+    BAD = 2  # misbehaved again and again: it waits behind the others, from spare room only, and is paused for them
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -33,7 +41,7 @@ class Request:
     stop: tuple[str, ...] = ()
     deadline: float = float("inf")  # time.monotonic() by which the request must be finished
     client: str = ""  # who asks (see parrot_edge.api.fairness): cache hits are reported only on its own cache
-    demoted: bool = False  # its client misbehaved lately: it waits behind the others and may be paused for them
+    standing: Standing = Standing.GOOD  # its client's, when it was submitted
 
 
 @dataclass

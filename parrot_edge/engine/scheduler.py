@@ -1,12 +1,13 @@
 """The scheduler: one worker thread serving every student from one llama.cpp context.
 
 The policy, step by step. Requests wait in a bounded queue (QueueFull → HTTP 503) and take free slots as
-they come free: first the requests of clients in good standing (api/fairness.py), then the request of the
-client with the fewest requests answering, then the oldest, so a client that floods cannot keep everyone
-else waiting; each gets its best cache first (reuse.py). A client in bad standing never takes the last free
-slot while clients in good standing answer. When every slot is busy, the first waiting request
-may take the slot of an answer with a weaker claim: one of a client in bad standing, or of a client with two
-answers more than its own would have. That answer is paused (its cells stay behind for the shelf, its
+they come free: first the requests of clients not in bad standing (api/fairness.py), then the request of
+the client with the fewest requests answering, then one of a client in good standing before one on notice,
+then the oldest, so a client that floods cannot keep everyone else waiting; each gets its best cache first
+(reuse.py). A client in bad standing never takes the last free slot while others answer. When every slot is
+busy, the first waiting request may take the slot of an answer with a weaker claim: one of a client in bad
+standing, of a client with two answers more than its own would have, or of a client on notice holding as
+many as its own would. That answer is paused (its cells stay behind for the shelf, its
 sampler with it) and waits at the head of the queue; resumed, it goes on exactly where it stopped (a request
 still reading its prompt goes back to the queue as it came). Then the worker loops:
 
@@ -46,6 +47,7 @@ from parrot_edge.engine.requests import (
     PromptTooLong,
     QueueFull,
     Request,
+    Standing,
 )
 from parrot_edge.engine.reuse import Reuse
 from parrot_edge.engine.sampling import build_chain, grammar_sampler
@@ -234,13 +236,15 @@ class Engine:
                 slot.generation = generation
                 self._end(slot, "error", error=str(exc), keep_cache=False)
 
-    def _claims(self) -> tuple[Callable[[Generation], tuple[bool, int]], Generation]:
-        """How strong a request's claim to a slot is (smaller is stronger: its client in good standing, then
-        with fewer answers in slots), and the waiting request with the strongest (the first of equals)."""
+    def _claims(self) -> tuple[Callable[[Generation], tuple[bool, int, Standing]], Generation]:
+        """How strong a request's claim to a slot is (smaller is stronger: its client not in bad standing, then
+        with fewer answers in slots, then in good standing rather than on notice), and the waiting request with
+        the strongest (the first of equals)."""
         holding = collections.Counter(slot.generation.request.client for slot in self._slots if slot.generation)
 
-        def claim(generation: Generation) -> tuple[bool, int]:
-            return generation.request.demoted, holding[generation.request.client]
+        def claim(generation: Generation) -> tuple[bool, int, Standing]:
+            standing = generation.request.standing
+            return standing is Standing.BAD, holding[generation.request.client], standing
         return claim, min(self._waiting, key=claim)
 
     def _next_waiting(self, free: int) -> Generation | None:
@@ -248,8 +252,8 @@ class Engine:
         and would take the last free slot while clients in good standing answer: that slot is kept for their
         next turn (a client in bad standing is served from spare room only)."""
         _, generation = self._claims()
-        if generation.request.demoted and free == 1 and any(
-                slot.generation and not slot.generation.request.demoted for slot in self._slots):
+        if generation.request.standing is Standing.BAD and free == 1 and any(
+                slot.generation and slot.generation.request.standing is not Standing.BAD for slot in self._slots):
             return None
         self._waiting.remove(generation)
         return generation
@@ -263,8 +267,8 @@ class Engine:
         if not busy:
             return False
         weakest = max(busy, key=lambda slot: (claim(slot.generation), slot.generation.admitted))
-        demoted, holding = claim(first)
-        if claim(weakest.generation) <= (demoted, holding + 1):
+        bad, holding, standing = claim(first)
+        if claim(weakest.generation) <= (bad, holding + 1, standing):
             return False
         generation = weakest.generation
         if generation.first_token:  # it has answered: paused where it stands, its sampler with it
