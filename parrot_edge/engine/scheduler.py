@@ -249,7 +249,7 @@ class Engine:
 
     def _next_waiting(self, free: int) -> Generation | None:
         """The waiting request with the strongest claim, out of the queue; None when it is one in bad standing
-        and would take the last free slot while clients in good standing answer: that slot is kept for their
+        and would take the last free slot while clients not in bad standing answer: that slot is kept for their
         next turn (a client in bad standing is served from spare room only)."""
         _, generation = self._claims()
         if generation.request.standing is Standing.BAD and free == 1 and any(
