@@ -50,6 +50,12 @@ def chat_tokens(engine: Engine, messages: list[dict]) -> list[int]:
     return engine.tokenize(text, add_special=False)
 
 
+async def until_finished(generation) -> Finished:
+    while not isinstance(event := await generation.events.get(), Finished):
+        pass
+    return event
+
+
 async def run(engine: Engine, request: Request, cancel_after: int | None = None) -> tuple[str, Finished]:
     generation = engine.submit(request)
     parts = []
@@ -288,8 +294,7 @@ def test_an_answer_paused_for_a_fairer_claim_goes_on_exactly(default_gguf, shelf
         while not isinstance(event := await second.events.get(), Finished):
             parts.append(event.text)
         paused.cancel(story)
-        while not isinstance(await story.events.get(), Finished):
-            pass
+        await until_finished(story)
         return alone, "".join(parts), event, paused.stats.unshelved - unshelved
 
     try:
@@ -301,12 +306,6 @@ def test_an_answer_paused_for_a_fairer_claim_goes_on_exactly(default_gguf, shelf
         assert paused.state().slots_busy == 0 and paused.state().queue_depth == 0
     finally:
         paused.close()
-
-
-async def until_finished(generation) -> Finished:
-    while not isinstance(event := await generation.events.get(), Finished):
-        pass
-    return event
 
 
 @pytest.mark.parametrize(("holder", "asker", "pauses"), [(Standing.NOTICED, Standing.GOOD, True),
@@ -408,8 +407,7 @@ def test_a_burst_arriving_at_an_idle_engine_is_read_in_one_step(default_gguf):
             arrivals.append(time.monotonic())
             time.sleep(0.0005)
         for generation in generations:
-            while not isinstance(await generation.events.get(), Finished):
-                pass
+            await until_finished(generation)
         return max(b - a for a, b in itertools.pairwise(arrivals))
 
     # A loaded machine may deschedule this thread for longer than a burst's gap (BURST_GAP): such a run is no
@@ -479,8 +477,7 @@ def test_queue_full_and_deadline(default_gguf):
             small.cancel(first)
             small.cancel(queued)
             for generation in (first, queued):
-                while not isinstance(await generation.events.get(), Finished):
-                    pass
+                await until_finished(generation)
             expired = small.submit(Request(prompt=long_request.prompt, max_tokens=200, deadline=0))
             while not isinstance(event := await expired.events.get(), Finished):
                 pass
@@ -566,8 +563,7 @@ def test_a_request_that_times_out_in_the_queue_leaves_it_with_nothing_generated(
             await asyncio.wait_for(queued.admitted_event.wait(), 60)  # it leaves the queue by timing out
             finished = queued.events.get_nowait()
             small.cancel(holder)
-            while not isinstance(await holder.events.get(), Finished):
-                pass
+            await until_finished(holder)
             return queued, finished
 
         queued, finished = asyncio.run(scenario())
