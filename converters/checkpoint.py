@@ -11,7 +11,7 @@ checkpoint's own function, so verification measures the difference.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,8 +30,11 @@ class GGUFTensor:
 
     name: str
     shape: tuple[int, ...]  # torch order [out, in]; GGUF stores it reversed
-    source_dtype: torch.dtype  # how the checkpoint stores it: decides the lossless intermediate type
+    source_dtype: torch.dtype  # how the checkpoint stores it: decides the quantiser's input type
     load: Callable[[], torch.Tensor]
+    # Its values in order, flat, a few MB at a time, where the checkpoint holds them as they are written (see
+    # WeightFiles.stream): the writer then copies nothing
+    stream: Callable[[], Iterator[torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)

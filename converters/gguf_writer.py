@@ -27,23 +27,38 @@ F32, F16, BF16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, g
 FILE_TYPES = {F32: gguf.LlamaFileType.ALL_F32, F16: gguf.LlamaFileType.MOSTLY_F16,
               BF16: gguf.LlamaFileType.MOSTLY_BF16}
 _NUMPY = {F32: np.float32, F16: np.float16, BF16: np.uint16}  # bf16 travels as its raw 16-bit pattern
-_LOSSLESS = {torch.float16: F16, torch.bfloat16: BF16}  # anything else is kept as F32
+_SIXTEEN_BITS = {torch.float16: F16, torch.bfloat16: BF16}
 _CHUNK = 4 << 20  # values converted at a time
 
 
-def tensor_type(tensor: GGUFTensor, requested: gguf.GGMLQuantizationType | None) -> gguf.GGMLQuantizationType:
-    """Norms and other 1-D tensors stay F32 (as llama.cpp expects); matrices take the requested type, or
-    with `requested=None` the type that holds the checkpoint's values exactly (for quantising from)."""
+class BeyondF16(BadInput):
+    """A matrix with values that float16 cannot hold (beyond ±65504)."""
+
+    def __init__(self, tensor: str):
+        super().__init__(f"{tensor} has values beyond float16's range (±65504): use --quant bf16 or f32")
+        self.tensor = tensor
+
+
+def tensor_type(tensor: GGUFTensor, requested: gguf.GGMLQuantizationType | None,
+                wide: frozenset[str] = frozenset()) -> gguf.GGMLQuantizationType:
+    """Norms and other 1-D tensors stay F32 (as llama.cpp expects); matrices take the requested type, or with
+    `requested=None` the quantiser's input type: a 16-bit checkpoint's own type, else F16 (what llama.cpp's
+    own pipeline quantises from, at half the bytes of F32: the measured reason is in converters/convert.py),
+    or F32 for the matrices in `wide`, whose values F16 cannot hold."""
     if len(tensor.shape) < 2:
         return F32
-    return requested if requested is not None else _LOSSLESS.get(tensor.source_dtype, F32)
+    if requested is not None:
+        return requested
+    return F32 if tensor.name in wide else _SIXTEEN_BITS.get(tensor.source_dtype, F16)
 
 
 def write_gguf(path: Path, arch: str, metadata: dict[str, Any], tensors: list[GGUFTensor],
-               requested: gguf.GGMLQuantizationType | None, description: str = "writing") -> None:
-    """Write a complete GGUF to `path` (a temp file: see parrot_edge.files)."""
+               requested: gguf.GGMLQuantizationType | None, description: str = "writing",
+               wide: frozenset[str] = frozenset()) -> None:
+    """Write a complete GGUF to `path` (a temp file: see parrot_edge.files). Raises BeyondF16 for a matrix
+    bound for F16 whose values it cannot hold."""
     writer = gguf.GGUFWriter(path, arch)
-    types = [tensor_type(t, requested) for t in tensors]
+    types = [tensor_type(t, requested, wide) for t in tensors]
     matrix_type = next((q for t, q in zip(tensors, types, strict=True) if len(t.shape) >= 2), F32)
     writer.add_file_type(FILE_TYPES[matrix_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -78,21 +93,54 @@ def write_gguf(path: Path, arch: str, metadata: dict[str, Any], tensors: list[GG
     writer.close()
 
 
+def fill_in(path: Path, key: str, value: str) -> None:
+    """Overwrite the string `key` of the GGUF at `path` in place with `value`, as long as the value it holds: for
+    what is known only once the file is written (the source's sha256, computed meanwhile)."""
+    reader = gguf.GGUFReader(path, "r+")
+    stored = reader.fields[key].parts[reader.fields[key].data[0]]
+    encoded = np.frombuffer(value.encode(), dtype=np.uint8)
+    if encoded.size != stored.size:
+        raise ValueError(f"{key}: {value!r} is not as long as the {stored.size} bytes it replaces")
+    stored[:] = encoded
+    reader.data.flush()
+
+
 def _converted_chunks(tensor: GGUFTensor, qtype: gguf.GGMLQuantizationType) -> Iterator[np.ndarray]:
     """The tensor's values in the GGUF type, a few MB at a time (no second full-size copy)."""
+    count = 0
+    for part in _source_parts(tensor):
+        count += part.numel()
+        if qtype == F16:
+            data = part.to(torch.float16).numpy()
+            if not np.isfinite(data).all():  # NaN and overflow alike: which one, the source says
+                _check_finite(tensor.name, part)
+                raise BeyondF16(tensor.name)
+            yield data
+            continue
+        _check_finite(tensor.name, part)
+        if qtype == BF16:
+            yield part.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        else:
+            yield part.to(torch.float32).numpy()
+    if count != math.prod(tensor.shape):
+        raise BadInput(f"{tensor.name}: the checkpoint gave {count} values, expected {list(tensor.shape)}")
+
+
+def _source_parts(tensor: GGUFTensor) -> Iterator[torch.Tensor]:
+    """The tensor's values in order, flat, a few MB at a time: streamed where its checkpoint can (read straight
+    from a memory map, no copy), else from the whole tensor."""
+    if tensor.stream is not None:
+        yield from tensor.stream()
+        return
     value = tensor.load()
     if tuple(value.shape) != tensor.shape:
         raise BadInput(f"{tensor.name}: the checkpoint gave shape {list(value.shape)}, expected {list(tensor.shape)}")
-    for part in value.contiguous().view(-1).split(_CHUNK):
-        if not math.isfinite(part.float().sum()):  # any NaN or inf makes the sum NaN/inf; cheap to compute
-            raise BadInput(f"{tensor.name} holds NaN or infinite values: the checkpoint is broken (diverged training?)")
-        if qtype == BF16:
-            yield part.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            continue
-        data = part.to(torch.float16 if qtype == F16 else torch.float32).numpy()
-        if qtype == F16 and not np.isfinite(data).all():
-            raise BadInput(f"{tensor.name} has values beyond float16's range (±65504): use --quant bf16 or f32")
-        yield data
+    yield from value.contiguous().view(-1).split(_CHUNK)
+
+
+def _check_finite(name: str, part: torch.Tensor) -> None:
+    if not math.isfinite(part.float().sum()):  # any NaN or inf makes the sum NaN/inf; cheap to compute
+        raise BadInput(f"{name} holds NaN or infinite values: the checkpoint is broken (diverged training?)")
 
 
 def _add_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:

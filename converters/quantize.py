@@ -19,6 +19,8 @@ from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.llamacpp import lib, recent_log
 from parrot_edge.store.gguf_check import read_header
 
+SLAB_BYTES = 32 << 20
+
 # --quant value → (llama_ftype, the ggml type of its ordinary weight matrices)
 LLAMA_CPP_FTYPES = {quant: (gguf.LlamaFileType[ftype], gguf.GGMLQuantizationType[matrix_type])
                     for quant, (ftype, matrix_type) in LLAMA_CPP_QUANTS.items()}
@@ -34,6 +36,10 @@ def quantize(source: Path, target: Path, quant: str, threads: int | None = None,
     params.ftype = int(LLAMA_CPP_FTYPES[quant][0])
     params.allow_requantize = requantize
     params.nthread = threads or 0  # 0: all cores
+    # Rows converted to float32 at a time. llama.cpp's default (8 GiB) converts a whole matrix at once and keeps
+    # the buffer: from F16, ParrotAI-1.1B's 262 MB of float32 embedding stay resident for the whole run. Rows
+    # are quantised on their own, so the output is the same bytes (tests/test_convert_cli.py).
+    params.max_buf_size = SLAB_BYTES
     entries, _alive = _imatrix_entries(llama, importance or {})
     if importance:
         params.imatrix = entries

@@ -183,6 +183,24 @@ def test_nan_weights_leave_no_file(hf_dir, tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_a_matrix_beyond_float16_is_quantised_from_float32(hf_dir, tmp_path):
+    """The quantiser's input is F16 (as llama.cpp's own pipeline); a matrix F16 cannot hold goes in as F32 and
+    keeps its value. Written as F16 itself, it is refused."""
+    import gguf
+
+    _edit_weights(hf_dir, lambda w: w["model.layers.0.mlp.up_proj.weight"].__setitem__((3, 5), 1e5))
+    checkpoint, vocabulary = open_source(hf_dir, None, None, None)
+    said: list[str] = []
+    convert(checkpoint, vocabulary, tmp_path / "q8.gguf", "q8_0", progress=said.append)
+    assert "note: blk.0.ffn_up.weight has values beyond float16's range: quantising it from float32" in said
+    up = next(t for t in gguf.GGUFReader(tmp_path / "q8.gguf").tensors if t.name == "blk.0.ffn_up.weight")
+    values = gguf.dequantize(up.data, up.tensor_type).reshape(up.shape[::-1])
+    assert abs(values[3, 5] - 1e5) < 1e5 / 127  # within Q8_0's step: not float16's infinity
+    with pytest.raises(BadInput, match=r"blk\.0\.ffn_up\.weight has values beyond float16's range"):
+        convert(checkpoint, vocabulary, tmp_path / "f16.gguf", "f16", progress=lambda _: None)
+    assert not (tmp_path / "f16.gguf").exists()
+
+
 def test_interrupt_leaves_no_half_written_file(hf_dir, tmp_path, monkeypatch):
     checkpoint, vocabulary = open_source(hf_dir, None, None, None)
     tensors = checkpoint.gguf_tensors()

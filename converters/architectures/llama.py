@@ -20,7 +20,7 @@ near one layer. Tests prove it against transformers' LlamaForCausalLM and the li
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +138,7 @@ class SourceTensor:
 
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    stream: Callable[[], Iterator[torch.Tensor]] | None = None  # as GGUFTensor.stream
 
 
 class LlamaCheckpoint:
@@ -165,8 +166,10 @@ class LlamaCheckpoint:
         for name, shape in tensor_shapes(self.config).items():
             source = self.tensors[name]
             n_heads = heads.get(name.split(".", 2)[-1])
-            load = source.load if n_heads is None else _permuted(source.load, n_heads)
-            out.append(GGUFTensor(name, shape, source.dtype, load))
+            if n_heads is None:
+                out.append(GGUFTensor(name, shape, source.dtype, source.load, source.stream))
+            else:
+                out.append(GGUFTensor(name, shape, source.dtype, _permuted(source.load, n_heads)))
         return out
 
     def reference_logits(self, tokens: torch.Tensor) -> torch.Tensor:

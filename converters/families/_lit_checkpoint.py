@@ -162,7 +162,7 @@ def open_lit_checkpoint(source: Path, config_argument: str | None, *, family: st
     files.check(expected)
 
     def plain(key: str) -> SourceTensor:
-        return SourceTensor(files.dtype(key), lambda: files.load(key))
+        return SourceTensor(files.dtype(key), lambda: files.load(key), lambda: files.stream(key))
 
     def part_of_qkv(layer: int, part: int) -> SourceTensor:
         key = f"transformer.h.{layer}.{qkv_key}.weight"

@@ -139,7 +139,7 @@ def open_checkpoint(path: Path, config_path: str | None) -> LlamaCheckpoint:
     files.check(expected, ignored_suffixes=ignored)
 
     def source_tensor(key: str) -> SourceTensor:
-        return SourceTensor(files.dtype(key), lambda: files.load(key))
+        return SourceTensor(files.dtype(key), lambda: files.load(key), lambda: files.stream(key))
 
     tensors = {name: source_tensor(hf_key(name)) for name in tensor_shapes(config)}
     source = SourceInfo(family="hf-llama", path=directory, weight_files=files.paths, tokenizer_dir=directory,
