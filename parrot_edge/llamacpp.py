@@ -159,6 +159,11 @@ class Batch:
         self.raw.n_tokens = end
         return start
 
+    @property
+    def outputs(self) -> int:
+        """Rows asking for logits."""
+        return int(self._logits[:self.raw.n_tokens].sum())
+
     def want_logits(self, start: int, end: int) -> None:
         """Ask for the logits of rows start..end-1."""
         self._logits[start:end] = 1

@@ -538,6 +538,9 @@ def test_other_models_are_exact_under_batching_and_reuse(request, model):
         assert [text for text, _ in together] == [text for text, _ in alone]
         assert all(finished.completion_tokens > 0 for _, finished in alone)
         assert any(finished.cached_tokens > 0 for _, finished in together)  # the chat template's shared opening
+        # no step asked for more logits than llama.cpp's buffers hold (OUTPUTS_PER_SLOT per slot; the context
+        # refuses such a batch as a failed step, where llama.cpp would abort)
+        assert other.stats.decode_errors == 0
         if model == "q4_k_m" and other.context.repack == "padded":  # x86: repacked Q4_K, steps padded to 4 rows
             assert other.stats.throwaway_rows > 0
     finally:

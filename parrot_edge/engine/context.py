@@ -8,6 +8,7 @@ exactness.py) and is faster. The vocabulary is read-only, so tokenising is safe 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,17 @@ from pathlib import Path
 from parrot_edge import llamacpp
 from parrot_edge.errors import ParrotEdgeError
 
+log = logging.getLogger(__name__)
+
 # The engine's llama.cpp micro-batch, at most (here, not in the memory plan, which reads it without llama.cpp).
 # A burst of short prompts fits in one; per row, 256-row micro-batches measured ~4% faster than 63-row ones.
 UBATCH_ROWS = 256
 MAX_SLOTS = 64  # every slot's next token fits in one micro-batch, twice over
+# Rows of a step asking for logits, at most, per slot: a padded step's four (padding.py), else a row and a guess.
+# llama.cpp sizes its logits buffers by it (n_outputs_max; by default a whole batch: for ParrotAI-1.1B's 32,000
+# tokens, 256 rows took 33 MB in the compute buffer and as much again in the output buffer).
+OUTPUTS_PER_SLOT = 4
+DECODE_OVER_OUTPUTS = -100  # decode's code for a batch asking more logits than that (llama.cpp would abort)
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
     # A step's most: two rows per slot plus a prompt chunk, or (padded steps) four rows per slot.
     params.n_batch = max(prefill_chunk + 2 * slots, 4 * slots)
     params.n_ubatch = min(UBATCH_ROWS, params.n_batch)
+    params.n_outputs_max = OUTPUTS_PER_SLOT * slots
     params.kv_unified = False  # each slot owns its cells
     params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
     params.no_perf = True
@@ -73,6 +82,7 @@ class LlamaContext:
                                   f"{llamacpp.recent_log() or 'no reason given'}")
         self.memory = llama.llama_get_memory(self.ctx)
         self.ubatch_rows = params.n_ubatch
+        self.outputs_max = params.n_outputs_max
         self.ctx_per_slot = llama.llama_n_ctx_seq(self.ctx)
         self.batch = llamacpp.Batch(params.n_batch)
         self._piece = ctypes.create_string_buffer(256)
@@ -129,6 +139,10 @@ class LlamaContext:
 
     def decode(self) -> int:
         """llama_decode of the batch: 0 on success."""
+        if self.batch.outputs > self.outputs_max:  # never, by the steps' shapes; llama.cpp would abort
+            log.error("a step asked for the logits of %d rows, more than the %d the context holds",
+                      self.batch.outputs, self.outputs_max)
+            return DECODE_OVER_OUTPUTS
         return self.lib.llama_decode(self.ctx, self.batch.raw)
 
     def sample(self, sampler, index: int) -> int:

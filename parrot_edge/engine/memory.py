@@ -12,15 +12,17 @@ parrot_edge.engine.context.context_params: flash attention, micro-batches of at 
                                                         compute buffer
     attention   = 2 × ubatch × ctx_per_slot × 4         the attention mask, in f32 and f16 (flash
                                                         attention keeps no score matrix)
-    logits      = 2 × slots × n_vocab × 4               a row per student per step, computed and copied out
+    logits      = 2 × 4 × slots × n_vocab × 4           the most rows a step asks logits for (OUTPUTS_PER_SLOT
+                                                        per student), computed and copied out
     margin      = 16 MB + n_vocab × 512                 tokenizer tables, graph and thread-pool allocations
     shelf       = settings.shelf_mb                     conversations put aside when their slot is reused
 
-llama.cpp reserves its compute buffer for a batch in which every token returns logits (batch × n_vocab × 4);
-the engine asks for one row per sequence, so that reservation is mostly never touched and is not counted.
-Measured with the default model, contexts filled, the estimate is 5-15% above the real growth of resident
-memory (8 slots × 256 tokens: 201 MB planned, 176 MB real; 8 × 2048: 535 MB planned, 510 MB real;
-4 × 4096: 537 MB planned, 509 MB real); tests/test_memory.py checks this on every run.
+llama.cpp sizes its buffers for logits by the most rows a batch may ask for, which the engine sets
+(n_outputs_max) to what its steps ask at most.
+Measured with the default model, contexts filled (a row of logits per slot and step, as in the test), the
+estimate is 6-20% above the real growth of resident memory (8 slots × 256 tokens: 210 MB planned, 176 MB real;
+8 × 2048: 544 MB planned, 510 MB real; 4 × 4096: 542 MB planned, 509 MB real); tests/test_memory.py checks this
+on every run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from parrot_edge.engine.context import UBATCH_ROWS
+from parrot_edge.engine.context import OUTPUTS_PER_SLOT, UBATCH_ROWS
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.store.gguf_check import StringArray, read_header
 
@@ -170,7 +172,7 @@ def _plan(info: ModelShape, slots: int, ctx: int, available: int, shelf: int, kv
     kv_cache = round(slots * ctx * info.kv_bytes_per_token * KV_SCALE[kv_type])
     activations = UBATCH_ROWS * (12 * info.n_embd + 2 * info.n_ff) * 4
     attention = 2 * UBATCH_ROWS * ctx * 4
-    logits = 2 * slots * info.n_vocab * 4
+    logits = 2 * OUTPUTS_PER_SLOT * slots * info.n_vocab * 4
     margin = 16_000_000 + info.n_vocab * 512
     overhead = activations + attention + logits + margin + shelf
     return MemoryPlan(slots, ctx, info.file_size, kv_cache, overhead, info.file_size + kv_cache + overhead,

@@ -20,8 +20,10 @@ pieces, never both (alternating while both are wanted):
     causal); where there are no more slots, every row gets throwaway followers instead; every row asks for
     logits;
   * a prompt step gives each chosen prompt a piece of the same length L (a multiple of 4, at most
-    MAX_PIECE), its tail padded with throwaway rows; the pieces that end their prompt ask for logits on all
-    their L rows. llama.cpp's split (split_equal) then makes micro-batches of whole pieces.
+    MAX_PIECE), its tail padded with throwaway rows; a piece that ends its prompt asks for logits on 4 of its
+    rows, its last real one among them (4, not all L: llama.cpp's buffers for logits are sized by the most
+    rows a step asks for, OUTPUTS_PER_SLOT per slot). llama.cpp's split (split_equal) then makes
+    micro-batches of whole pieces.
 
 Every micro-batch then has at least 4 rows, so the lone-row rule of exactness.py never comes up, and no
 guesses are made. The cold reference is the same engine alone, shaped the same way.
@@ -50,7 +52,7 @@ class Shape:
 
     guesses: dict[int, int] = field(default_factory=dict)  # sequence → the token guessed to follow its sample
     throwaway: dict[int, int] = field(default_factory=dict)  # sequence → trailing rows removed after the step
-    all_logits: set[int] = field(default_factory=set)  # sequences whose every row asks for logits
+    logit_rows: dict[int, range] = field(default_factory=dict)  # sequence → its rows (of this step) asking for logits
 
     def sample_row(self, seq_id: int, rows: int) -> int:
         """The row (within the sequence's rows of this step) whose logits give its next token: its last real
@@ -100,7 +102,7 @@ class PaddedSteps:
         for seq_id in range(low, high + 1):
             if followers:
                 self._throwaway(seq_id, work, shape, followers)
-            shape.all_logits.add(seq_id)
+            shape.logit_rows[seq_id] = range(len(work[seq_id]))
         return work, shape
 
     def _prompts(self, prompts: list[Slot]) -> tuple[Work, Shape]:
@@ -114,8 +116,9 @@ class PaddedSteps:
             work[slot.seq_id] = real
             if len(real) < piece:
                 self._throwaway(slot.seq_id, work, shape, piece - len(real))
-            if not slot.pending:  # the prompt's last row: its logits start the answer
-                shape.all_logits.add(slot.seq_id)
+            if not slot.pending:  # the prompt's last row: its logits start the answer, asked with 3 neighbours
+                first = min(len(real) - 1, piece - ROW_GROUP)
+                shape.logit_rows[slot.seq_id] = range(first, first + ROW_GROUP)
         return work, shape
 
     def _throwaway(self, seq_id: int, work: Work, shape: Shape, rows: int) -> None:

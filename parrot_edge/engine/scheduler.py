@@ -375,10 +375,11 @@ class Engine:
             slot, tokens = self._slots[seq_id], work[seq_id]
             first = batch.add(tokens, slot.sequence.evaluating(tokens), seq_id)
             sample = first + shape.sample_row(seq_id, len(tokens))
-            if seq_id in shape.all_logits:
-                batch.want_logits(first, batch.rows)
+            if seq_id in shape.logit_rows:
+                asked = shape.logit_rows[seq_id]
+                batch.want_logits(first + asked.start, first + asked.stop)
             if slot.generation is not None and not slot.pending:  # a sampled token or the prompt's last
-                if seq_id not in shape.all_logits:
+                if seq_id not in shape.logit_rows:
                     batch.want_logits(sample, batch.rows)  # its row, and a guess's after it
                 rows.append((slot, sample))
         return rows
