@@ -107,11 +107,8 @@ class _TorchFile:
             _release(mapped.untyped_storage().data_ptr(), mapped.untyped_storage().nbytes())
             return tensor
         tensor = torch.empty_like(mapped)
-        source, target = mapped.view(-1), tensor.view(-1)
-        for start in range(0, source.numel(), _COPY_CHUNK):
-            part = source[start:start + _COPY_CHUNK]
-            target[start:start + _COPY_CHUNK].copy_(part)
-            _release(part.data_ptr(), part.numel() * part.element_size())
+        for part, target in zip(self.stream(key), tensor.view(-1).split(_COPY_CHUNK), strict=True):
+            target.copy_(part)
         return tensor
 
     def stream(self, key: str) -> Iterator[torch.Tensor]:
