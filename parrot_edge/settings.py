@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     shelf_mb: int = Field(64, ge=0, description="RAM (MB) for conversations put aside when their slot is reused.")
     repacked_weights: Literal["auto", "off"] = Field(
         "auto", description="auto: llama.cpp's faster repacked weights, with steps padded where a model's types "
-                            "need it to stay exact; off: weights as stored (see the README's figures).")
+                            "need it to stay exact (with one slot, such weights stay as stored); off: weights "
+                            "as stored (see the README's figures).")
     kv_cache_type: Literal["f16", "q8_0"] = Field("f16", description="Keys and values in the KV cache: q8_0 takes "
                                                                      "about half the memory (see the README).")
     request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take, queueing included.")

@@ -547,6 +547,22 @@ def test_other_models_are_exact_under_batching_and_reuse(request, model):
         other.close()
 
 
+def test_one_slot_keeps_k_quant_weights_as_stored_and_stays_exact(requantized_gguf):
+    """A single-slot server (one student's machine) never pads: the padding would cost more than repacked
+    Q4_K weights gain, so it loads them as stored, and a conversation resumed from its cache still answers
+    what it answered cold."""
+    alone = Engine(requantized_gguf("q4_k_m"), name="q4_k_m", slots=1, ctx_per_slot=256, prefill_chunk=16)
+    try:
+        assert alone.context.repack == "off"
+        request = Request(prompt=chat_tokens(alone, [{"role": "user", "content": QUESTIONS[0]}]), sampling=GREEDY,
+                          max_tokens=24)
+        (cold, _), (again, finished) = asyncio.run(run(alone, request)), asyncio.run(run(alone, request))
+        assert again == cold and finished.cached_tokens > 0
+        assert alone.stats.throwaway_rows == 0 and alone.stats.decode_errors == 0
+    finally:
+        alone.close()
+
+
 def test_llama_threads_default_to_the_cpus_this_process_may_use():
     params = context_params(llamacpp.lib(), slots=2, ctx_per_slot=256, prefill_chunk=64)
     assert params.n_threads == params.n_threads_batch == len(os.sched_getaffinity(0))

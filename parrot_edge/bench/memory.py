@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from parrot_edge.bench.serving import Server, bench_model, free_port, student_address
+from parrot_edge.bench.serving import Server, _model_path, bench_model, free_port, student_address
 from parrot_edge.engine.memory import KV_SCALE, plan_memory, read_model_shape
 from parrot_edge.errors import ParrotEdgeError
 
@@ -42,7 +42,7 @@ def bench_memory_command(args) -> int:
     print(f"  model + KV cache {base / 1e6:,.0f} MB, so {(measured - base) / 1e6:,.0f} MB more in all "
           f"({'within' if measured - base <= 150e6 else 'over'} 150 MB)")
     if not args.no_tolerance:
-        _kv_tolerance()
+        print(kv_tolerance(_model_path(None)))
     return 0
 
 
@@ -146,12 +146,11 @@ async def _fill(url: str, slots: int, ctx: int) -> None:
         await asyncio.gather(*(one(s) for s in range(slots)))
 
 
-def _kv_tolerance() -> None:
-    from parrot_edge.bench.serving import _model_path
+def kv_tolerance(gguf: Path) -> str:
+    """How far q8_0 keys and values move the model's logits from f16 ones, on the verification texts."""
     from parrot_edge.converters.verify import TEXTS, compare
     from parrot_edge.engine.context import LlamaContext
 
-    gguf = _model_path(None)
     figures = {}
     for kv in ("f16", "q8_0"):
         context = LlamaContext(gguf, slots=1, ctx_per_slot=512, prefill_chunk=256, kv_type=kv)
@@ -161,9 +160,9 @@ def _kv_tolerance() -> None:
         finally:
             context.close()
     result = compare(figures["f16"], figures["q8_0"], tokens)
-    print(f"\nq8_0 vs f16 KV cache, {gguf.name}, {sum(map(len, tokens))} tokens of the verification texts: "
-          f"max |Δlogit| {result['max_abs_dlogit']:.3f}, top-1 agreement {result['top1_agreement']:.1%}, "
-          f"mean KL {result['mean_kl']:.2e}")
+    return (f"\nq8_0 vs f16 KV cache, {gguf.name}, {sum(map(len, tokens))} tokens of the verification texts: "
+            f"max |Δlogit| {result['max_abs_dlogit']:.3f}, top-1 agreement {result['top1_agreement']:.1%}, "
+            f"mean KL {result['mean_kl']:.2e}")
 
 
 def _all_logits(context, tokens: list[int]):
@@ -171,9 +170,14 @@ def _all_logits(context, tokens: list[int]):
 
     lib = context.lib
     lib.llama_memory_clear(context.memory, True)
-    context.batch.clear()
-    context.batch.add(tokens, 0, 0, logits=True)
-    if context.decode() != 0:
-        raise ParrotEdgeError("llama_decode failed while measuring the KV cache's tolerance")
     n_vocab = lib.llama_vocab_n_tokens(context.vocab)
-    return np.ctypeslib.as_array(lib.llama_get_logits(context.ctx), shape=(len(tokens), n_vocab)).copy()
+    rows = []
+    # in pieces of the rows a step may ask logits for (the context's logits buffers are sized for that)
+    for start in range(0, len(tokens), context.outputs_max):
+        piece = tokens[start:start + context.outputs_max]
+        context.batch.clear()
+        context.batch.add(piece, start, 0, logits=True)
+        if context.decode() != 0:
+            raise ParrotEdgeError("llama_decode failed while measuring the KV cache's tolerance")
+        rows.append(np.ctypeslib.as_array(lib.llama_get_logits(context.ctx), shape=(len(piece), n_vocab)).copy())
+    return np.concatenate(rows)

@@ -279,14 +279,14 @@ model = llamacpp.load_model(path)
 ctx = llama.llama_init_from_model(model, context_params(llama, slots=n, ctx_per_slot=1024, prefill_chunk=256,
                                                          threads=threads))
 batch = llamacpp.Batch(max(n, 32))
-def decode(runs):
+def decode(runs, logits=True):  # prompt rows ask for none: the context's logits are sized for a step's 4 per slot
     batch.clear()
     for tokens, first, seq in runs:
-        batch.add(tokens, first, seq, logits=True)
+        batch.add(tokens, first, seq, logits=logits)
     assert llama.llama_decode(ctx, batch.raw) == 0
 for seq in range(n):  # a short prompt in every sequence, as students' conversations have
     for start in range(0, 32, 16):
-        decode([(list(range(100 + start, 116 + start)), start, seq)])
+        decode([(list(range(100 + start, 116 + start)), start, seq)], logits=False)
 timings = []
 for step in range(steps):
     t = time.perf_counter()
