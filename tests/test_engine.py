@@ -16,6 +16,7 @@ from parrot_edge import llamacpp
 from parrot_edge.api.chat_template import render_chat
 from parrot_edge.engine.context import context_params
 from parrot_edge.engine.exactness import guess_next
+from parrot_edge.engine.padding import ROW_GROUP
 from parrot_edge.engine.requests import Finished, PromptTooLong, QueueFull, Request, Standing
 from parrot_edge.engine.sampling import SamplingParams
 from parrot_edge.engine.scheduler import BURST_GAP, Engine
@@ -545,6 +546,30 @@ def test_other_models_are_exact_under_batching_and_reuse(request, model):
             assert other.stats.throwaway_rows > 0
     finally:
         other.close()
+
+
+def test_a_short_prompt_read_beside_a_long_one_starts_its_answer_from_its_own_last_row(requantized_gguf):
+    """Padded steps (repacked Q4_K on x86) give every prompt of a step a piece as long as the first one's; a
+    short prompt's piece is mostly throwaway rows, and the rows that ask for logits must still hold its last
+    real one (else llama.cpp has no logits to sample from and aborts the process)."""
+    padded = Engine(requantized_gguf("q4_k_m"), name="q4_k_m", slots=2, ctx_per_slot=256, prefill_chunk=128)
+    try:
+        long = padded.tokenize("Rivers carry water from the mountains down to the sea, and along the way they "
+                               "shape valleys, feed farms and give towns their", add_special=True)
+        short = padded.tokenize("The capital of France is", add_special=True)
+        requests = [Request(prompt=p, sampling=GREEDY, max_tokens=8) for p in (long, short)]
+
+        async def scenario():  # together first, while nothing is cached: both prompts are read in one step
+            together = await asyncio.gather(*(run(padded, r) for r in requests))
+            alone = [await run(padded, r) for r in requests]
+            return alone, together
+
+        alone, together = asyncio.run(scenario())
+        assert len(long) - len(short) >= ROW_GROUP  # the short prompt's piece has 4 throwaway rows or more
+        assert [text for text, _ in together] == [text for text, _ in alone]
+        assert padded.stats.decode_errors == 0
+    finally:
+        padded.close()
 
 
 def test_one_slot_keeps_k_quant_weights_as_stored_and_stays_exact(requantized_gguf):

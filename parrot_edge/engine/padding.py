@@ -111,14 +111,14 @@ class PaddedSteps:
         work: Work = {}
         shape = Shape()
         for slot in prompts[:self.max_rows // piece]:
-            real = slot.pending[:piece]
-            del slot.pending[:len(real)]
-            work[slot.seq_id] = real
-            if len(real) < piece:
-                self._throwaway(slot.seq_id, work, shape, piece - len(real))
+            real = len(slot.pending[:piece])
+            work[slot.seq_id] = slot.pending[:real]
+            del slot.pending[:real]
+            if real < piece:
+                self._throwaway(slot.seq_id, work, shape, piece - real)
             if not slot.pending:  # the prompt's last row: its logits start the answer, asked with 3 neighbours
-                first = min(len(real) - 1, piece - ROW_GROUP)
-                shape.logit_rows[slot.seq_id] = range(first, first + ROW_GROUP)
+                start = min(real - 1, piece - ROW_GROUP)
+                shape.logit_rows[slot.seq_id] = range(start, start + ROW_GROUP)
         return work, shape
 
     def _throwaway(self, seq_id: int, work: Work, shape: Shape, rows: int) -> None:
