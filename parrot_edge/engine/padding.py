@@ -111,7 +111,7 @@ class PaddedSteps:
         work: Work = {}
         shape = Shape()
         for slot in prompts[:self.max_rows // piece]:
-            real = len(slot.pending[:piece])
+            real = min(piece, len(slot.pending))
             work[slot.seq_id] = slot.pending[:real]
             del slot.pending[:real]
             if real < piece:
