@@ -182,6 +182,43 @@ def test_a_lone_long_answer_guesses_ahead_exactly(default_gguf, monkeypatch, sam
         plain.close()
 
 
+def test_a_lone_long_answer_over_a_q8_0_cache_needs_no_companion_and_stays_exact(default_gguf):
+    """A q8_0 KV cache never takes llama.cpp's split kernel, so a student alone past 256 cells is evaluated one
+    row a step: no companion, no guess. A second turn reusing the first's cells answers what a fresh engine
+    answers reading the whole conversation cold."""
+    def engine_q8() -> Engine:
+        return Engine(default_gguf, name="q8_0", slots=1, ctx_per_slot=1024, kv_type="q8_0")
+
+    def second_turn(target: Engine, first: str | None) -> tuple[str, str, int]:
+        """(first answer, second answer, cells the second reused); the first turn is asked unless given."""
+        async def turns():
+            messages = [{"role": "user", "content": LONG_QUESTION}]
+            answer = first
+            if answer is None:
+                answer, _ = await run(target, Request(prompt=chat_tokens(target, messages), sampling=GREEDY,
+                                                      max_tokens=48))
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me more."}]
+            second, finished = await run(target, Request(prompt=chat_tokens(target, messages), sampling=GREEDY,
+                                                         max_tokens=32))
+            return answer, second, finished.cached_tokens
+
+        return asyncio.run(turns())
+
+    warm_engine = engine_q8()
+    try:
+        first, warm, reused = second_turn(warm_engine, None)
+        assert reused > 300
+        assert warm_engine.stats.guessed_rows == warm_engine.stats.reevaluated_tokens == 0
+        assert warm_engine.stats.steps > 48 + 32, "the answers were not evaluated a row a step"
+    finally:
+        warm_engine.close()
+    cold_engine = engine_q8()
+    try:
+        assert second_turn(cold_engine, first)[1] == warm  # read cold: the whole conversation as its prompt
+    finally:
+        cold_engine.close()
+
+
 def test_guess_next_looks_up_what_followed_the_last_two_tokens():
     assert guess_next([5, 6, 7, 8, 5], 6) == 7  # ... 5 6 [7] ... 5 6 → 7
     assert guess_next([5, 6, 7, 5, 6, 9, 5], 6) == 9  # the latest occurrence wins

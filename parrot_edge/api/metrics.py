@@ -27,6 +27,8 @@ ENGINE_COUNTERS = (
     ("parrot_edge_engine_steps", "steps", "llama_decode calls."),
     ("parrot_edge_reevaluated_tokens", "reevaluated_tokens",
      "Cached tokens evaluated again (to the same values) to keep batching exact or join micro-batches."),
+    ("parrot_edge_throwaway_rows", "throwaway_rows",
+     "Rows evaluated only to fill a group of 4 for repacked K-quant weights, then removed (padding.py)."),
     ("parrot_edge_guessed_rows", "guessed_rows",
      "Companion rows that were a guess of the next token (a lone student past 256 cells)."),
     ("parrot_edge_guessed_tokens", "guessed_tokens", "Guesses that were right: a token for free."),

@@ -13,6 +13,10 @@ differently (ggml-cpu ops.cpp, measured in tests/test_exactness.py):
     token, looked up in its own conversation (kept if the first row's logits sample it, which then yields two
     tokens in one step), or its own last cached token, evaluated again.
 
+Both read keys and values of one type, F16 or F32, only (ops.cpp, flash_attn_ext_f16: `kv_is_f32_or_f16`): with
+a q8_0 KV cache every row takes the row-by-row kernel in any batch, so neither rule is needed and a student
+alone is never given a companion row (`StepShaper(pair_lone_rows=False)`; tests/test_exactness.py checks it).
+
 K- and i-quant weights have two more such kernels, kept off by parrot_edge.llamacpp. And because the cells
 a slot keeps are bit-identical to a cold evaluation of the same conversation, reusing them never changes
 an answer.
@@ -36,6 +40,11 @@ SPLIT_KV_CELLS = 256  # a lone row over more cells than this takes the split ker
 MAX_GAP_FILL = 2  # idle slots worth evaluating again to join two runs of answering students
 
 Work = dict[int, list[int]]  # sequence id → the tokens it evaluates this step
+
+
+def split_kernel_possible(kv_type: str) -> bool:
+    """Whether a lone row can take llama.cpp's split kernel: only over F16 (or F32) keys and values."""
+    return kv_type == "f16"
 
 
 def lone_long_rows(plan: dict[int, tuple[int, int]], ubatch_rows: int) -> list[int]:
@@ -79,17 +88,20 @@ def guess_next(tokens: list[int], last: int) -> int | None:
 class StepShaper:
     """Shapes one step's work by the rules above, before it goes into the batch."""
 
-    def __init__(self, slots: list[Slot], ubatch_rows: int, ctx_per_slot: int, stats: EngineStats):
+    def __init__(self, slots: list[Slot], ubatch_rows: int, ctx_per_slot: int, stats: EngineStats,
+                 pair_lone_rows: bool = True):
         self.slots = slots
         self.ubatch_rows = ubatch_rows
         self.ctx_per_slot = ctx_per_slot
         self.stats = stats
+        self.pair_lone_rows = pair_lone_rows  # False where no row can take the split kernel (a q8_0 KV cache)
 
     def shape(self, work: Work) -> dict[int, int]:
         """Join runs and keep attention exact; returns sequence → the token guessed to follow its sampled one."""
         self._join_runs(work)
         guesses: dict[int, int] = {}
-        self._keep_attention_exact(work, guesses)
+        if self.pair_lone_rows:
+            self._keep_attention_exact(work, guesses)
         return guesses
 
     def _join_runs(self, work: Work) -> None:

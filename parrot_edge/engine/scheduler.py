@@ -36,7 +36,7 @@ from pathlib import Path
 
 from parrot_edge import llamacpp
 from parrot_edge.engine.context import LlamaContext
-from parrot_edge.engine.exactness import SEQ_ROWS, StepShaper, Work
+from parrot_edge.engine.exactness import SEQ_ROWS, StepShaper, Work, split_kernel_possible
 from parrot_edge.engine.handoff import Outbox
 from parrot_edge.engine.padding import PaddedSteps, Shape
 from parrot_edge.engine.requests import (
@@ -83,7 +83,8 @@ class Engine:
         self._slots = [Slot(Sequence(lib, self.context.ctx, self.context.memory, i)) for i in range(slots)]
         self.shelf = Shelf(shelf_bytes)
         self._reuse = Reuse(self._slots, self.shelf, self.stats)
-        self._shaper = StepShaper(self._slots, self.context.ubatch_rows, self.ctx_per_slot, self.stats)
+        self._shaper = StepShaper(self._slots, self.context.ubatch_rows, self.ctx_per_slot, self.stats,
+                                  pair_lone_rows=split_kernel_possible(kv_type))
         self._padded = (PaddedSteps(self._slots, self.context.ubatch_rows, prefill_chunk, self.stats)
                         if self.context.repack == "padded" else None)
         self._waiting: collections.deque[Generation] = collections.deque()
