@@ -15,6 +15,7 @@ from pathlib import Path
 from parrot_edge import __version__
 from parrot_edge.converters import families
 from parrot_edge.converters.quants import QUANT_CHOICES
+from parrot_edge.engine.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from parrot_edge.errors import ParrotEdgeError
 
 
@@ -224,10 +225,10 @@ def _bench_serving_commands(bsub) -> None:
     _add_model_args(p)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--ctx", type=int, default=2048, help="context tokens per slot")
-    p.add_argument("--kv", choices=("f16", "q8_0"), default="f16", help="KV cache type of the measured server")
+    p.add_argument("--kv", choices=KV_TYPES, default=DEFAULT_KV_TYPE, help="KV cache type of the measured server")
     p.add_argument("--machine-gb", type=float, default=4, help="the small machine to plan for")
     p.add_argument("--os-mb", type=int, default=600, help="what its OS and desktop keep for themselves")
-    p.add_argument("--no-tolerance", action="store_true", help="skip the q8_0-vs-f16 answer comparison")
+    p.add_argument("--no-tolerance", action="store_true", help="skip measuring each KV cache type's answers")
     p = _command(bsub, "soak", "parrot_edge.bench.soak:bench_soak_command",
                  "well-behaved students streaming beside hostile clients, against a clean run of the same length")
     p.add_argument("--model")

@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from parrot_edge.engine.context import MAX_SLOTS
+from parrot_edge.engine.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.files import xdg_dir
 
@@ -68,8 +69,10 @@ class Settings(BaseSettings):
         "auto", description="auto: llama.cpp's faster repacked weights, with steps padded where a model's types "
                             "need it to stay exact (with one slot, such weights stay as stored); off: weights "
                             "as stored (see the README's figures).")
-    kv_cache_type: Literal["f16", "q8_0"] = Field("f16", description="Keys and values in the KV cache: q8_0 takes "
-                                                                     "about half the memory (see the README).")
+    kv_cache_type: Literal[tuple(KV_TYPES)] = Field(  # Literal of a tuple: one of its items
+        DEFAULT_KV_TYPE, description="The KV cache (engine/kv_cache.py): f16-bf16, f16 keys and bf16 values; f16, "
+                                     "both f16 (a student alone deep in a conversation is slower); q8_0, about "
+                                     "half the memory (see the README).")
     request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take, queueing included.")
     default_max_tokens: int = Field(512, ge=1)
     # -- what one client may ask (see the README's "Safe by default")

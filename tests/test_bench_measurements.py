@@ -9,6 +9,7 @@ import re
 
 from parrot_edge.bench.memory import kv_tolerance
 from parrot_edge.bench.serving import raw_decode_speed
+from parrot_edge.engine.kv_cache import KV_TYPES
 
 
 def test_raw_decode_measures_one_student(default_gguf):
@@ -17,5 +18,5 @@ def test_raw_decode_measures_one_student(default_gguf):
 
 def test_the_kv_caches_tolerance_is_measured_on_a_one_slot_context(default_gguf):
     report = kv_tolerance(default_gguf)
-    top1 = float(re.search(r"top-1 agreement ([\d.]+)%", report).group(1))
-    assert "q8_0 vs f16 KV cache" in report and top1 > 90
+    measured = dict(re.findall(r"(\S+): max \|Δlogit\| [\d.]+, top-1 agreement ([\d.]+)%", report))
+    assert set(measured) == set(KV_TYPES) and all(float(top1) > 90 for top1 in measured.values())

@@ -16,6 +16,7 @@ from parrot_edge import llamacpp
 from parrot_edge.api.chat_template import render_chat
 from parrot_edge.engine.context import context_params
 from parrot_edge.engine.exactness import guess_next
+from parrot_edge.engine.kv_cache import DEFAULT_KV_TYPE
 from parrot_edge.engine.padding import ROW_GROUP
 from parrot_edge.engine.requests import Finished, PromptTooLong, QueueFull, Request, Standing
 from parrot_edge.engine.sampling import SamplingParams
@@ -32,7 +33,8 @@ QUESTIONS = [
     "¿Por qué el cielo es azul?",
     "What is 12 times 12?",
 ]
-# A conversation past 256 tokens, where a lone student's rows need the engine's pairing to stay exact.
+# A conversation past 256 tokens, where a lone student's rows need the engine's pairing to stay exact over an f16
+# KV cache (the default cache never takes that kernel).
 LONG_QUESTION = ("Here are my notes from class. " + "The moon orbits the Earth and reflects the light of the sun. " * 30
                  + "Tell me about the moon.")
 
@@ -87,7 +89,8 @@ def test_concurrent_answers_equal_answers_alone(engine):
 
 
 def test_a_long_conversation_alone_equals_it_among_others(engine):
-    """Past 256 cells a lone row would take llama.cpp's split kernel; the engine pairs it, so nothing changes."""
+    """Past 256 cells a lone row over the default cache (f16 keys, bf16 values) takes the row-by-row kernel, as in
+    company: the engine gives it no companion, and nothing changes."""
     def paired() -> int:  # second rows given: cached tokens again, or guesses
         return engine.stats.reevaluated_tokens + engine.stats.guessed_rows
 
@@ -101,21 +104,22 @@ def test_a_long_conversation_alone_equals_it_among_others(engine):
 
     (text_alone, _), (text_together, _) = asyncio.run(scenario())
     assert len(chat_tokens(engine, [{"role": "user", "content": LONG_QUESTION}])) > 300
-    assert paired() > paired_before, "the lone long rows were never paired"
+    assert paired() == paired_before, "a lone long row was paired, which the default cache never needs"
     assert text_alone.strip() and text_together == text_alone
 
 
 @pytest.mark.parametrize("idle_between", [1, 2])
 def test_idle_slots_bridge_a_lone_long_conversation_to_the_others(default_gguf, idle_between):
-    """Slot 0 answers past 256 cells, the next slots are idle, the one after answers: llama.cpp would give
-    slot 0 a micro-batch of its own; evaluating the idle slots' last tokens again joins them. Nothing changes:
-    both answers equal cold evaluations, and an idle slot's kept conversation still continues exactly."""
+    """Over an f16 KV cache: slot 0 answers past 256 cells, the next slots are idle, the one after answers:
+    llama.cpp would give slot 0 a micro-batch of its own; evaluating the idle slots' last tokens again joins
+    them. Nothing changes: both answers equal cold evaluations, and an idle slot's kept conversation still
+    continues exactly."""
     def raw(text: str, max_tokens: int = 24) -> Request:
         return Request(prompt=bridged.tokenize(text, add_special=True), sampling=GREEDY, max_tokens=max_tokens)
 
     long_text, other_text = LONG_QUESTION, "Volcanoes erupt because"
     idle_texts = ["Bees make honey from", "Rain falls when"][:idle_between]
-    bridged = Engine(default_gguf, name="bridged", slots=2 + idle_between, ctx_per_slot=1024)
+    bridged = Engine(default_gguf, name="bridged", slots=2 + idle_between, ctx_per_slot=1024, kv_type="f16")
     try:
         async def scenario():
             await run(bridged, raw(long_text, 1))  # slot 0
@@ -134,7 +138,7 @@ def test_idle_slots_bridge_a_lone_long_conversation_to_the_others(default_gguf, 
         bridged.close()
     cold = []
     for text in (long_text + " The end.", other_text, idle_texts[0] + " flowers."):
-        fresh = Engine(default_gguf, name="cold", slots=1, ctx_per_slot=1024)
+        fresh = Engine(default_gguf, name="cold", slots=1, ctx_per_slot=1024, kv_type="f16")
         try:
             cold.append(asyncio.run(run(fresh, Request(prompt=fresh.tokenize(text, add_special=True),
                                                        sampling=GREEDY, max_tokens=24)))[0])
@@ -145,9 +149,10 @@ def test_idle_slots_bridge_a_lone_long_conversation_to_the_others(default_gguf, 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.8, seed=7)], ids=["greedy", "sampled"])
 def test_a_lone_long_answer_guesses_ahead_exactly(default_gguf, monkeypatch, sampling):
-    """Alone past 256 cells, a student's companion row is a guess of its next token; a right guess gives two
-    tokens in one step. Both turns' answers (the second reusing the first's cells) and the KV bookkeeping are
-    exactly those with guessing switched off (the plain companion: the last cached token again)."""
+    """Over an f16 KV cache, alone past 256 cells, a student's companion row is a guess of its next token; a
+    right guess gives two tokens in one step. Both turns' answers (the second reusing the first's cells) and
+    the KV bookkeeping are exactly those with guessing switched off (the plain companion: the last cached
+    token again)."""
     def conversation(target: Engine) -> list[str]:
         async def turns():
             messages = [{"role": "user", "content": LONG_QUESTION}]
@@ -164,7 +169,7 @@ def test_a_lone_long_answer_guesses_ahead_exactly(default_gguf, monkeypatch, sam
             assert believed == held
         return answers
 
-    guessing = Engine(default_gguf, name="guessing", slots=1, ctx_per_slot=1024)
+    guessing = Engine(default_gguf, name="guessing", slots=1, ctx_per_slot=1024, kv_type="f16")
     try:
         guessed = conversation(guessing)
         stats = dataclasses.asdict(guessing.stats)
@@ -174,7 +179,7 @@ def test_a_lone_long_answer_guesses_ahead_exactly(default_gguf, monkeypatch, sam
     assert stats["guessed_rows"] > stats["guessed_tokens"], "no wrong guess was ever taken back"
 
     monkeypatch.setattr("parrot_edge.engine.exactness.guess_next", lambda tokens, last: None)
-    plain = Engine(default_gguf, name="plain", slots=1, ctx_per_slot=1024)
+    plain = Engine(default_gguf, name="plain", slots=1, ctx_per_slot=1024, kv_type="f16")
     try:
         assert conversation(plain) == guessed
         assert plain.stats.guessed_rows == 0 and plain.stats.reevaluated_tokens > 0
@@ -182,12 +187,13 @@ def test_a_lone_long_answer_guesses_ahead_exactly(default_gguf, monkeypatch, sam
         plain.close()
 
 
-def test_a_lone_long_answer_over_a_q8_0_cache_needs_no_companion_and_stays_exact(default_gguf):
-    """A q8_0 KV cache never takes llama.cpp's split kernel, so a student alone past 256 cells is evaluated one
-    row a step: no companion, no guess. A second turn reusing the first's cells answers what a fresh engine
-    answers reading the whole conversation cold."""
-    def engine_q8() -> Engine:
-        return Engine(default_gguf, name="q8_0", slots=1, ctx_per_slot=1024, kv_type="q8_0")
+@pytest.mark.parametrize("kv_type", ["f16-bf16", "q8_0"])
+def test_a_lone_long_answer_needs_no_companion_and_stays_exact(default_gguf, kv_type):
+    """The default KV cache (f16 keys, bf16 values) and a q8_0 one never take llama.cpp's split kernel, so a
+    student alone past 256 cells is evaluated one row a step: no companion, no guess. A second turn reusing
+    the first's cells answers what a fresh engine answers reading the whole conversation cold."""
+    def lone_engine() -> Engine:
+        return Engine(default_gguf, name=kv_type, slots=1, ctx_per_slot=1024, kv_type=kv_type)
 
     def second_turn(target: Engine, first: str | None) -> tuple[str, str, int]:
         """(first answer, second answer, cells the second reused); the first turn is asked unless given."""
@@ -204,7 +210,7 @@ def test_a_lone_long_answer_over_a_q8_0_cache_needs_no_companion_and_stays_exact
 
         return asyncio.run(turns())
 
-    warm_engine = engine_q8()
+    warm_engine = lone_engine()
     try:
         first, warm, reused = second_turn(warm_engine, None)
         assert reused > 300
@@ -212,7 +218,7 @@ def test_a_lone_long_answer_over_a_q8_0_cache_needs_no_companion_and_stays_exact
         assert warm_engine.stats.steps > 48 + 32, "the answers were not evaluated a row a step"
     finally:
         warm_engine.close()
-    cold_engine = engine_q8()
+    cold_engine = lone_engine()
     try:
         assert second_turn(cold_engine, first)[1] == warm  # read cold: the whole conversation as its prompt
     finally:
@@ -563,7 +569,7 @@ def test_other_models_are_exact_under_batching_and_reuse(request, model):
         path = request.getfixturevalue("default_gguf") if model.startswith("default") else request.getfixturevalue(
             "requantized_gguf")(model)
     other = Engine(path, name=model, slots=3, ctx_per_slot=256, prefill_chunk=16,
-                   kv_type="q8_0" if "q8_0 KV" in model else "f16")
+                   kv_type="q8_0" if "q8_0 KV" in model else DEFAULT_KV_TYPE)
     try:
         async def scenario():
             requests = [Request(prompt=chat_tokens(other, [{"role": "user", "content": q}]), sampling=GREEDY,

@@ -16,15 +16,17 @@ import pytest
 
 from parrot_edge import llamacpp
 from parrot_edge.engine.context import context_params
-from parrot_edge.engine.exactness import SEQ_ROWS, SPLIT_KV_CELLS, lone_long_rows, split_kernel_possible
+from parrot_edge.engine.exactness import SEQ_ROWS, SPLIT_KV_CELLS, lone_long_rows
+from parrot_edge.engine.kv_cache import KV_TYPES
 
 LENGTH = 300
 SLOTS = 4
 
 
 # The default model (Q4_1), and the same weights as Q4_0 and as Q4_K_M (K-quant tensors: the repacked and
-# tiled kernels the engine keeps off, see parrot_edge.llamacpp).
-MODELS = ["default", "q4_0", "q4_k_m", "default, q8_0 KV cache"]
+# tiled kernels the engine keeps off, see parrot_edge.llamacpp), over an f16 KV cache (the one with the split
+# and tiled attention kernels); and the default model over the default cache (f16 keys, bf16 values) and q8_0.
+MODELS = ["default", "q4_0", "q4_k_m", "default, f16-bf16 KV cache", "default, q8_0 KV cache"]
 
 
 def model_path(default_gguf, requantized_gguf, name: str):
@@ -32,7 +34,7 @@ def model_path(default_gguf, requantized_gguf, name: str):
 
 
 @contextlib.contextmanager
-def opened(path, repack: bool, kv_type: str = "f16"):
+def opened(path, repack: bool, kv_type: str):
     """A llama.cpp context under the engine's parameters: (llama, ctx, batch, n_vocab, ubatch rows)."""
     llama = llamacpp.lib()
     model = llamacpp.load_model(path, repack=repack)
@@ -49,7 +51,7 @@ def opened(path, repack: bool, kv_type: str = "f16"):
 
 
 def kv_type(model: str) -> str:
-    return "q8_0" if "q8_0 KV" in model else "f16"
+    return model.split(", ")[1].removesuffix(" KV cache") if ", " in model else "f16"
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -120,14 +122,16 @@ def test_a_rows_logits_do_not_depend_on_its_batch(llama_context, case):
 
 
 def test_lone_long_rows_are_the_ones_the_engine_must_pair(llama_context, request):
-    """The engine's pairing is what keeps a lone student's long answer exact over an f16 KV cache; over a q8_0
-    one, which the split kernel never reads, the engine pairs nothing and relies on lone rows being exact."""
+    """The engine's pairing is what keeps a lone student's long answer exact over an f16 KV cache; over the
+    default or a q8_0 one, which the split kernel never reads, it pairs nothing and relies on lone rows being
+    exact."""
     reference = last_logits(llama_context, pieces(32))
     lone = [{0: 20}] + [{0: 1}] * (LENGTH - 20)
     assert np.array_equal(last_logits(llama_context, lone, second_row_when_lone=True), reference)
     alone_exact = np.array_equal(last_logits(llama_context, lone), reference)
-    if not split_kernel_possible(kv_type(request.node.callspec.params["llama_context"])):
-        assert alone_exact, "a lone row over a q8_0 cache rounded differently: the engine must pair it"
+    kv = kv_type(request.node.callspec.params["llama_context"])
+    if not KV_TYPES[kv].split_kernel_possible:
+        assert alone_exact, f"a lone row over a {kv} cache rounded differently: the engine must pair it"
     elif alone_exact:
         pytest.skip("this llama.cpp build rounds lone rows like the others: the pairing is harmless but unneeded")
 
@@ -144,7 +148,7 @@ def test_repacked_k_quants_are_why_the_engine_pads_their_steps(default_gguf, req
     assert llamacpp.repack_policy(k_quants) == ("padded" if platform.machine() == "x86_64" else "off")
     assert llamacpp.repack_policy(k_quants, allow=False) == "off"
     assert llamacpp.repack_policy(default_gguf) == llamacpp.repack_policy(requantized_gguf("q4_0")) == "exact"
-    with opened(k_quants, repack=True) as repacked:
+    with opened(k_quants, repack=True, kv_type="f16") as repacked:
         if np.array_equal(last_logits(repacked, pieces(7)), last_logits(repacked, pieces(32))):
             pytest.skip("this llama.cpp build's repacked K-quant kernels are exact: they could stay on")
 

@@ -1,13 +1,13 @@
 """`parrot-edge bench memory`: what serving really takes, against the memory plan, and what a small machine holds.
 
 1. The plan for a machine of `--machine-gb` (4 by default: what is left after the OS, `--os-mb`, is what
-   `serve` may plan with): how many students it serves at each context, with f16 and with q8_0 keys/values.
+   `serve` may plan with): how many students it serves at each context, with each KV cache type.
 2. A real `parrot-edge serve` of the model with `--slots` × `--ctx`, every slot's context filled by a
    prompt just short of it: its resident memory, less what the server holds without a model, against the
    plan; and all of it against model + KV cache + 150 MB.
-3. What a q8_0 KV cache costs in answers: the engine's context with f16 and with q8_0 keys/values on the
-   default model's real weights (a random model's logits mean nothing), over the verification texts:
-   max |Δlogit|, top-1 agreement, mean KL.
+3. What each KV cache type costs in answers: the engine's context with each, against an exact evaluation
+   (F32 keys and values, no flash attention, as `verify` runs), on the default model's real weights (a
+   random model's logits mean nothing), over the verification texts: max |Δlogit|, top-1 agreement, mean KL.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import httpx
 import psutil
 
 from parrot_edge.bench.serving import Server, _model_path, bench_model, free_port, student_address
-from parrot_edge.engine.memory import KV_SCALE, plan_memory, read_model_shape
+from parrot_edge.engine.kv_cache import KV_TYPES
+from parrot_edge.engine.memory import plan_memory, read_model_shape
 from parrot_edge.errors import ParrotEdgeError
 
 CONTEXTS = (1024, 2048, 4096)
@@ -33,7 +34,7 @@ def bench_memory_command(args) -> int:
     shape = read_model_shape(gguf)
     _small_machine(shape, args)
     measured, planned = _measure_serving(gguf, shape, args)
-    base = shape.file_size + round(args.slots * args.ctx * shape.kv_bytes_per_token * KV_SCALE[args.kv])
+    base = shape.file_size + round(args.slots * args.ctx * shape.kv_bytes_per_token * KV_TYPES[args.kv].scale)
     server = _server_without_model()
     print(f"\nserve {gguf.name}, {args.slots} slots × {args.ctx} tokens, {args.kv} KV cache, every context filled:")
     print(f"  resident {measured / 1e6:,.0f} MB: the server without a model {server / 1e6:,.0f} MB + "
@@ -50,12 +51,12 @@ def _small_machine(shape, args) -> None:
     available = args.machine_gb * 1e9 - args.os_mb * 1e6
     print(f"A {args.machine_gb:g} GB machine ({available / 1e6:,.0f} MB left after {args.os_mb} MB for the OS), "
           f"{shape.path.name}: students served at once (the plan's most, up to 64)")
-    for kv in KV_SCALE:
+    for kv in KV_TYPES:
         row = []
         for ctx in (c for c in CONTEXTS if c <= shape.n_ctx_train):
             most = max((n for n in range(1, 65) if _fits(shape, n, ctx, available, kv)), default=0)
             row.append(f"{ctx} tokens: {most}")
-        print(f"  {kv:>5} KV cache   " + ", ".join(row))
+        print(f"  {kv:>8} KV cache   " + ", ".join(row))
 
 
 def _fits(shape, slots: int, ctx: int, available: float, kv: str) -> bool:
@@ -147,22 +148,27 @@ async def _fill(url: str, slots: int, ctx: int) -> None:
 
 
 def kv_tolerance(gguf: Path) -> str:
-    """How far q8_0 keys and values move the model's logits from f16 ones, on the verification texts."""
+    """How far each KV cache type moves the model's logits from an exact evaluation, on the verification texts."""
+    from parrot_edge.converters.gguf_eval import gguf_logits
     from parrot_edge.converters.verify import TEXTS, compare
     from parrot_edge.engine.context import LlamaContext
 
-    figures = {}
-    for kv in ("f16", "q8_0"):
+    lines = []
+    for kv in KV_TYPES:
         context = LlamaContext(gguf, slots=1, ctx_per_slot=512, prefill_chunk=256, kv_type=kv)
         try:
             tokens = [context.tokenize(text, add_special=True)[:256] for text in TEXTS]
-            figures[kv] = [_all_logits(context, t) for t in tokens]
+            figures = [_all_logits(context, t) for t in tokens]
         finally:
             context.close()
-    result = compare(figures["f16"], figures["q8_0"], tokens)
-    return (f"\nq8_0 vs f16 KV cache, {gguf.name}, {sum(map(len, tokens))} tokens of the verification texts: "
-            f"max |Δlogit| {result['max_abs_dlogit']:.3f}, top-1 agreement {result['top1_agreement']:.1%}, "
-            f"mean KL {result['mean_kl']:.2e}")
+        if not lines:
+            exact = gguf_logits(gguf, tokens)
+            lines.append(f"\neach KV cache type against an exact evaluation (F32 keys and values, no flash "
+                         f"attention), {gguf.name}, {sum(map(len, tokens))} tokens of the verification texts:")
+        result = compare(exact, figures, tokens)
+        lines.append(f"  {kv:>8}: max |Δlogit| {result['max_abs_dlogit']:.3f}, top-1 agreement "
+                     f"{result['top1_agreement']:.1%}, mean KL {result['mean_kl']:.2e}")
+    return "\n".join(lines)
 
 
 def _all_logits(context, tokens: list[int]):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parrot_edge import llamacpp
+from parrot_edge.engine.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from parrot_edge.errors import ParrotEdgeError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class ModelFacts:
 
 
 def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, threads: int | None = None,
-                   kv_type: str = "f16"):
+                   kv_type: str = DEFAULT_KV_TYPE):
     """The llama_context_params the engine runs with (the memory plan's test measures exactly these)."""
     if slots > MAX_SLOTS:
         raise ParrotEdgeError(f"at most {MAX_SLOTS} slots")
@@ -59,8 +60,7 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
     params.kv_unified = False  # each slot owns its cells
     params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
     params.no_perf = True
-    # q8_0 keys and values (llama.cpp's CPU flash attention reads them directly): about half the memory of f16.
-    params.type_k = params.type_v = {"f16": llama.GGML_TYPE_F16, "q8_0": llama.GGML_TYPE_Q8_0}[kv_type]
+    params.type_k, params.type_v = KV_TYPES[kv_type].keys, KV_TYPES[kv_type].values  # see kv_cache.py
     # Default: one thread per CPU this process may use (llama.cpp's own default of 4 oversubscribes 2 cores).
     params.n_threads = params.n_threads_batch = threads or len(os.sched_getaffinity(0))
     return params
@@ -68,7 +68,7 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
 
 class LlamaContext:
     def __init__(self, model_path: Path, *, slots: int, ctx_per_slot: int, prefill_chunk: int,
-                 threads: int | None = None, kv_type: str = "f16", repack: bool = True):
+                 threads: int | None = None, kv_type: str = DEFAULT_KV_TYPE, repack: bool = True):
         self.lib = llama = llamacpp.lib()
         policy = llamacpp.repack_policy(model_path, allow=repack)  # "exact", "padded" or "off"
         # Padded steps pay only where a step holds several students. With one slot, three of every four rows

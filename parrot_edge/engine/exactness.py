@@ -13,10 +13,10 @@ differently (ggml-cpu ops.cpp, measured in tests/test_exactness.py):
     token, looked up in its own conversation (kept if the first row's logits sample it, which then yields two
     tokens in one step), or its own last cached token, evaluated again.
 
-Both read keys and values of one type, F16 or F32, only (ops.cpp, flash_attn_ext_f16: `kv_is_f32_or_f16`): with
-a q8_0 KV cache every row takes the row-by-row kernel in any batch, so neither rule is needed: a student
-alone is never given a companion row (`StepShaper(pair_lone_rows=False)`; tests/test_exactness.py checks it),
-while the 63-row limit stays (not needed there; a prompt row cost 6.2-7.3 ms in pieces of 16 to 60 rows at 1.1B).
+Both run only where keys and values are both F16 (kv_cache.py): with the default cache (f16 keys, bf16 values)
+or a q8_0 one, every row takes the row-by-row kernel in any batch, so neither rule is needed: a student alone
+is never given a companion row (`StepShaper(pair_lone_rows=False)`; tests/test_exactness.py checks it), while
+the 63-row limit stays (not needed there; a prompt row cost 6.2-7.3 ms in pieces of 16 to 60 rows at 1.1B).
 
 K- and i-quant weights have two more such kernels, kept off by parrot_edge.llamacpp. And because the cells
 a slot keeps are bit-identical to a cold evaluation of the same conversation, reusing them never changes
@@ -41,11 +41,6 @@ SPLIT_KV_CELLS = 256  # a lone row over more cells than this takes the split ker
 MAX_GAP_FILL = 2  # idle slots worth evaluating again to join two runs of answering students
 
 Work = dict[int, list[int]]  # sequence id → the tokens it evaluates this step
-
-
-def split_kernel_possible(kv_type: str) -> bool:
-    """Whether a lone row can take llama.cpp's split kernel: only over F16 (or F32) keys and values."""
-    return kv_type == "f16"
 
 
 def lone_long_rows(plan: dict[int, tuple[int, int]], ubatch_rows: int) -> list[int]:
@@ -95,7 +90,7 @@ class StepShaper:
         self.ubatch_rows = ubatch_rows
         self.ctx_per_slot = ctx_per_slot
         self.stats = stats
-        self.pair_lone_rows = pair_lone_rows  # False where no row can take the split kernel (a q8_0 KV cache)
+        self.pair_lone_rows = pair_lone_rows  # False where no row can take the split kernel
 
     def shape(self, work: Work) -> dict[int, int]:
         """Join runs and keep attention exact; returns sequence → the token guessed to follow its sampled one."""

@@ -6,7 +6,8 @@ parrot_edge.engine.context.context_params: flash attention, micro-batches of at 
 
   weights   = the GGUF's size             llama.cpp maps the file (reads it, when it repacks the weights:
                                           llamacpp.load_model), and every decode step reads all of it
-  kv_cache  = n_layer × slots × ctx_per_slot × (k_dim + v_dim) × 2     f16 keys and values, every cell
+  kv_cache  = n_layer × slots × ctx_per_slot × (k_dim + v_dim) × 2 × scale   every cell; scale 1 for 16-bit
+                                          keys and values, 34/64 for q8_0 (kv_cache.py)
   overhead  = activations + attention + logits + margin + shelf
     activations = ubatch × (12·n_embd + 2·n_ff) × 4     what a full micro-batch touches of llama.cpp's
                                                         compute buffer
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parrot_edge.engine.context import OUTPUTS_PER_SLOT, UBATCH_ROWS
+from parrot_edge.engine.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from parrot_edge.errors import ParrotEdgeError
 from parrot_edge.store.gguf_check import StringArray, read_header
 
@@ -145,12 +147,8 @@ def cgroup_headroom(cgroup: Path, root: Path) -> int | None:
     return tightest
 
 
-# Bytes of the KV cache per f16 byte, by cache type: q8_0 keeps 32 values in 34 bytes (f16: 64).
-KV_SCALE = {"f16": 1.0, "q8_0": 34 / 64}
-
-
 def plan_memory(info: ModelShape, slots: int | None = None, ctx_per_slot: int | None = None,
-                available: int | None = None, shelf: int = 0, kv_type: str = "f16") -> MemoryPlan:
+                available: int | None = None, shelf: int = 0, kv_type: str = DEFAULT_KV_TYPE) -> MemoryPlan:
     """The memory plan for serving `info`; unset slots become the most (8 down to 1) that fit.
 
     Raises a ParrotEdgeError with the numbers and what to change when even the smallest plan does not fit.
@@ -169,7 +167,7 @@ def plan_memory(info: ModelShape, slots: int | None = None, ctx_per_slot: int | 
 
 
 def _plan(info: ModelShape, slots: int, ctx: int, available: int, shelf: int, kv_type: str) -> MemoryPlan:
-    kv_cache = round(slots * ctx * info.kv_bytes_per_token * KV_SCALE[kv_type])
+    kv_cache = round(slots * ctx * info.kv_bytes_per_token * KV_TYPES[kv_type].scale)
     activations = UBATCH_ROWS * (12 * info.n_embd + 2 * info.n_ff) * 4
     attention = 2 * UBATCH_ROWS * ctx * 4
     logits = 2 * OUTPUTS_PER_SLOT * slots * info.n_vocab * 4

@@ -36,8 +36,9 @@ from pathlib import Path
 
 from parrot_edge import llamacpp
 from parrot_edge.engine.context import LlamaContext
-from parrot_edge.engine.exactness import SEQ_ROWS, StepShaper, Work, split_kernel_possible
+from parrot_edge.engine.exactness import SEQ_ROWS, StepShaper, Work
 from parrot_edge.engine.handoff import Outbox
+from parrot_edge.engine.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from parrot_edge.engine.padding import PaddedSteps, Shape
 from parrot_edge.engine.requests import (
     Delta,
@@ -67,7 +68,7 @@ BURST_WINDOW = 0.010
 class Engine:
     def __init__(self, model_path: Path, *, name: str, slots: int, ctx_per_slot: int, threads: int | None = None,
                  prefill_chunk: int = 256, queue_size: int = 64, shelf_bytes: int = 64 * 2**20,
-                 kv_type: str = "f16", repack: bool = True, verify_cells: bool = False):
+                 kv_type: str = DEFAULT_KV_TYPE, repack: bool = True, verify_cells: bool = False):
         self.context = LlamaContext(model_path, slots=slots, ctx_per_slot=ctx_per_slot,
                                     prefill_chunk=prefill_chunk, threads=threads, kv_type=kv_type, repack=repack)
         self.info = self.context.facts(name, model_path)
@@ -84,7 +85,7 @@ class Engine:
         self.shelf = Shelf(shelf_bytes)
         self._reuse = Reuse(self._slots, self.shelf, self.stats)
         self._shaper = StepShaper(self._slots, self.context.ubatch_rows, self.ctx_per_slot, self.stats,
-                                  pair_lone_rows=split_kernel_possible(kv_type))
+                                  pair_lone_rows=KV_TYPES[kv_type].split_kernel_possible)
         self._padded = (PaddedSteps(self._slots, self.context.ubatch_rows, prefill_chunk, self.stats)
                         if self.context.repack == "padded" else None)
         self._waiting: collections.deque[Generation] = collections.deque()
