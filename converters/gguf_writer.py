@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from parrot_edge.converters.checkpoint import GGUFTensor
 from parrot_edge.converters.errors import BadInput
+from parrot_edge.converters.weights import flat_parts
 
 F32, F16, BF16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16
 FILE_TYPES = {F32: gguf.LlamaFileType.ALL_F32, F16: gguf.LlamaFileType.MOSTLY_F16,
               BF16: gguf.LlamaFileType.MOSTLY_BF16}
 _NUMPY = {F32: np.float32, F16: np.float16, BF16: np.uint16}  # bf16 travels as its raw 16-bit pattern
 _SIXTEEN_BITS = {torch.float16: F16, torch.bfloat16: BF16}
-_CHUNK = 4 << 20  # values converted at a time
 
 
 class BeyondF16(BadInput):
@@ -135,7 +135,7 @@ def _source_parts(tensor: GGUFTensor) -> Iterator[torch.Tensor]:
     value = tensor.load()
     if tuple(value.shape) != tensor.shape:
         raise BadInput(f"{tensor.name}: the checkpoint gave shape {list(value.shape)}, expected {list(tensor.shape)}")
-    yield from value.contiguous().view(-1).split(_CHUNK)
+    yield from flat_parts(value)
 
 
 def _check_finite(name: str, part: torch.Tensor) -> None:
