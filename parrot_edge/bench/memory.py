@@ -153,19 +153,19 @@ def kv_tolerance(gguf: Path) -> str:
     from parrot_edge.converters.verify import TEXTS, compare
     from parrot_edge.engine.context import LlamaContext
 
-    lines = []
+    figures, tokens = {}, None
     for kv in KV_TYPES:
         context = LlamaContext(gguf, slots=1, ctx_per_slot=512, prefill_chunk=256, kv_type=kv)
         try:
-            tokens = [context.tokenize(text, add_special=True)[:256] for text in TEXTS]
-            figures = [_all_logits(context, t) for t in tokens]
+            tokens = tokens or [context.tokenize(text, add_special=True)[:256] for text in TEXTS]
+            figures[kv] = [_all_logits(context, t) for t in tokens]
         finally:
             context.close()
-        if not lines:
-            exact = gguf_logits(gguf, tokens)
-            lines.append(f"\neach KV cache type against an exact evaluation (F32 keys and values, no flash "
-                         f"attention), {gguf.name}, {sum(map(len, tokens))} tokens of the verification texts:")
-        result = compare(exact, figures, tokens)
+    exact = gguf_logits(gguf, tokens)
+    lines = [f"\neach KV cache type against an exact evaluation (F32 keys and values, no flash attention), "
+             f"{gguf.name}, {sum(map(len, tokens))} tokens of the verification texts:"]
+    for kv, logits in figures.items():
+        result = compare(exact, logits, tokens)
         lines.append(f"  {kv:>8}: max |Δlogit| {result['max_abs_dlogit']:.3f}, top-1 agreement "
                      f"{result['top1_agreement']:.1%}, mean KL {result['mean_kl']:.2e}")
     return "\n".join(lines)
