@@ -103,7 +103,8 @@ def repack_policy(path: Path, allow: bool = True) -> str:
     "exact"  repacked weights, which compute every row the same in any batch (F32/F16/Q8_0/Q4_0/Q4_1, and on
              x86 every type but Q4_K and Q2_K: tests/test_exactness.py);
     "padded" repacked weights whose row results depend on the row's place in its micro-batch (Q4_K, Q2_K on
-             x86): exact only with the engine's padded steps (parrot_edge/engine/padding.py);
+             x86): exact only with the engine's padded steps (parrot_edge/engine/padding.py), or, in a
+             context of one slot, with micro-batches under 4 rows (engine/context.py, GEMV_UBATCH_ROWS);
     "off"    weights kept in their file layout: K- and i-quants elsewhere than x86 (their repacked kernels
              there are other, unmeasured ones), `allow=False` (the repacked_weights = "off" setting), or a
              build with AMX kernels (`amx_build`), which loads no model repacked."""

@@ -14,7 +14,7 @@ import pytest
 
 from parrot_edge import llamacpp
 from parrot_edge.api.chat_template import render_chat
-from parrot_edge.engine.context import context_params
+from parrot_edge.engine.context import GEMV_UBATCH_ROWS, context_params
 from parrot_edge.engine.exactness import guess_next
 from parrot_edge.engine.kv_cache import DEFAULT_KV_TYPE
 from parrot_edge.engine.padding import ROW_GROUP
@@ -615,20 +615,34 @@ def test_a_short_prompt_read_beside_a_long_one_starts_its_answer_from_its_own_la
         padded.close()
 
 
-def test_one_slot_keeps_k_quant_weights_as_stored_and_stays_exact(requantized_gguf):
-    """A single-slot server (one student's machine) never pads: the padding would cost more than repacked
-    Q4_K weights gain, so it loads them as stored, and a conversation resumed from its cache still answers
-    what it answered cold."""
-    alone = Engine(requantized_gguf("q4_k_m"), name="q4_k_m", slots=1, ctx_per_slot=256, prefill_chunk=16)
+def test_one_slot_sends_every_row_of_repacked_k_quants_through_one_kernel(requantized_gguf):
+    """A single-slot server (one student's machine) never pads, which would throw three of every four rows
+    away: it reads in micro-batches of 3 rows, which every one takes the repacked gemv kernel. A question asked
+    again from the cache, and a second turn over an answer's cells (evaluated one by one as it was sampled),
+    answer what a fresh server answers cold, which reads both conversations as prompts."""
+    def conversation(engine, turns):
+        return Request(prompt=chat_tokens(engine, turns), sampling=GREEDY, max_tokens=24)
+
+    first = [{"role": "user", "content": QUESTIONS[0]}]
+    warm = Engine(requantized_gguf("q4_k_m"), name="q4_k_m", slots=1, ctx_per_slot=512, prefill_chunk=16)
     try:
-        assert alone.context.repack == "off"
-        request = Request(prompt=chat_tokens(alone, [{"role": "user", "content": QUESTIONS[0]}]), sampling=GREEDY,
-                          max_tokens=24)
-        (cold, _), (again, finished) = asyncio.run(run(alone, request)), asyncio.run(run(alone, request))
-        assert again == cold and finished.cached_tokens > 0
-        assert alone.stats.throwaway_rows == 0 and alone.stats.decode_errors == 0
+        if warm.context.repack != "gemv":
+            pytest.skip("Q4_K weights are repacked into gemm and gemv kernels only on x86")
+        assert warm.context.ubatch_rows == GEMV_UBATCH_ROWS
+        (answer, _), (again, finished) = (asyncio.run(run(warm, conversation(warm, first))),
+                                          asyncio.run(run(warm, conversation(warm, first))))
+        assert again == answer and finished.cached_tokens > 0
+        second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": QUESTIONS[1]}]
+        follow_up, finished = asyncio.run(run(warm, conversation(warm, second)))
+        assert finished.cached_tokens > len(conversation(warm, first).prompt)  # the answer's cells were reused
+        assert warm.stats.throwaway_rows == 0 and warm.stats.decode_errors == 0
     finally:
-        alone.close()
+        warm.close()
+    cold = Engine(requantized_gguf("q4_k_m"), name="q4_k_m", slots=1, ctx_per_slot=512, prefill_chunk=64)
+    try:
+        assert asyncio.run(run(cold, conversation(cold, second)))[0] == follow_up
+    finally:
+        cold.close()
 
 
 def test_llama_threads_default_to_the_cpus_this_process_may_use():

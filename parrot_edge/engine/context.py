@@ -15,6 +15,7 @@ from pathlib import Path
 
 from parrot_edge import llamacpp
 from parrot_edge.engine.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
+from parrot_edge.engine.padding import ROW_GROUP
 from parrot_edge.errors import ParrotEdgeError
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,14 @@ log = logging.getLogger(__name__)
 # The engine's llama.cpp micro-batch, at most (here, not in the memory plan, which reads it without llama.cpp).
 # A burst of short prompts fits in one; per row, 256-row micro-batches measured ~4% faster than 63-row ones.
 UBATCH_ROWS = 256
+# One slot over repacked Q4_K (or Q2_K) weights: ggml-cpu sends a micro-batch's rows in groups of 4 through the
+# gemm kernel and the rest through the gemv kernel (padding.py), so micro-batches of 3 rows send every row, of
+# a prompt and of an answer alike, through gemv, the kernel raw llama.cpp decodes one student with. Measured on
+# ParrotAI-1.1B's shape as Q4_K_M (2-core AVX-512 EPYC, a one-slot context, a 48-row prompt, runs alternated):
+# a lone row 21.8-23.5 ms against 27.7-29.5 as stored (the exact alternative), a prompt row 15.4-16.5 ms
+# against 16.2-17.5 as stored; a prompt's last logits equal those of its tokens evaluated one by one (with
+# 256-row micro-batches they differ).
+GEMV_UBATCH_ROWS = ROW_GROUP - 1
 MAX_SLOTS = 64  # every slot's next token fits in one micro-batch, twice over
 # Rows of a step asking for logits, at most, per slot: a padded step's four (padding.py), else a row and a guess.
 # llama.cpp sizes its logits buffers by it (n_outputs_max; by default a whole batch: for ParrotAI-1.1B's 32,000
@@ -46,7 +55,7 @@ class ModelFacts:
 
 
 def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, threads: int | None = None,
-                   kv_type: str = DEFAULT_KV_TYPE):
+                   kv_type: str = DEFAULT_KV_TYPE, ubatch_rows: int = UBATCH_ROWS):
     """The llama_context_params the engine runs with (the memory plan's test measures exactly these)."""
     if slots > MAX_SLOTS:
         raise ParrotEdgeError(f"at most {MAX_SLOTS} slots")
@@ -55,7 +64,7 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
     params.n_ctx = slots * ctx_per_slot
     # A step's most: two rows per slot plus a prompt chunk, or (padded steps) four rows per slot.
     params.n_batch = max(prefill_chunk + 2 * slots, 4 * slots)
-    params.n_ubatch = min(UBATCH_ROWS, params.n_batch)
+    params.n_ubatch = min(ubatch_rows, params.n_batch)
     params.n_outputs_max = OUTPUTS_PER_SLOT * slots
     params.kv_unified = False  # each slot owns its cells
     params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -71,14 +80,16 @@ class LlamaContext:
                  threads: int | None = None, kv_type: str = DEFAULT_KV_TYPE, repack: bool = True):
         self.lib = llama = llamacpp.lib()
         policy = llamacpp.repack_policy(model_path, allow=repack)  # "exact", "padded" or "off"
-        # Padded steps pay only where a step holds several students. With one slot, three of every four rows
-        # would be thrown away (1.1B Q4_K_M on a 2-core EPYC: 124 ms a step against 51 ms with the weights as
-        # stored, which compute a row alike in any batch): the padding is dearer than the repacking gains.
-        self.repack = "off" if policy == "padded" and slots == 1 else policy
+        # Padded steps pay only where a step holds several students; with one slot, three of every four rows
+        # would be thrown away. A server of one slot has no company to be exact with, only its own history (a
+        # cached conversation must answer what it answers cold), so it sends every row through the repacked
+        # gemv kernel instead: micro-batches of GEMV_UBATCH_ROWS (see the constant).
+        self.repack = "gemv" if policy == "padded" and slots == 1 else policy
         self.model = llamacpp.load_model(model_path, repack=self.repack != "off")
         self.vocab = llama.llama_model_get_vocab(self.model)
         params = context_params(llama, slots=slots, ctx_per_slot=ctx_per_slot, prefill_chunk=prefill_chunk,
-                                threads=threads, kv_type=kv_type)
+                                threads=threads, kv_type=kv_type,
+                                ubatch_rows=GEMV_UBATCH_ROWS if self.repack == "gemv" else UBATCH_ROWS)
         self.ctx = llama.llama_init_from_model(self.model, params)
         if not self.ctx:
             llama.llama_model_free(self.model)
