@@ -25,8 +25,10 @@ _recent_lock = threading.Lock()
 
 # K- and i-quant weights have faster CPU kernels that compute a row differently depending on how many rows
 # share the matrix multiplication (measured: tests/test_exactness.py on a Q4_K_M model), which would make an
-# answer depend on its company. The tiled one is switched off here for the whole process (ggml reads this
-# once, at its first multiplication); the repacked one is decided per model by `repack_policy`.
+# answer depend on its company. The repacked one is decided per model by `repack_policy`. The tiled one
+# (ggml-cpu/tiled/tiled.cpp: the K- and i-quant weights not repacked, in a Q4_K_M file the Q6_K ones, output
+# included) takes 8 rows or more and leaves fewer to vec_dot, which sums in another order. It is switched off
+# for the whole process, or forced to take every row count (`force_tiled_matmul`), which is exact too.
 BATCH_VARIANT_TYPE_PREFIXES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ", "TQ")
 # What ggml-cpu repacks on x86 whose repacked kernels differ by a row's place in its micro-batch (gemm for
 # groups of 4, gemv for the rest: repack.cpp, see parrot_edge/engine/padding.py). The other types it repacks
@@ -34,10 +36,30 @@ BATCH_VARIANT_TYPE_PREFIXES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "
 PADDED_REPACK_TYPES = ("Q4_K", "Q2_K")
 
 
+_tiled_forced = False
+
+
+def force_tiled_matmul() -> None:
+    """Force ggml's tiled matmul to take every row count, for this whole process: ggml reads the switches once,
+    at the process's first matrix multiplication, so this must come before any decode (later, it changes
+    nothing: the kernel stays off, which is exact and slower). Forced, a row computes the same alone and among
+    32 rows (measured on ParrotAI-1.1B's shape as Q4_K_M, weights as stored, 1 to 32 rows: one result;
+    tests/test_engine.py runs a class on it). Cheaper than vec_dot from 16 rows on, dearer below (the
+    engine forces it only for large classes: engine/context.py, TILED_MIN_SLOTS)."""
+    global _tiled_forced
+    _tiled_forced = True
+    os.environ["GGML_CPU_TILED_MM"] = os.environ["GGML_CPU_TILED_MM_FORCE"] = "1"
+
+
+def tiled_matmul_forced() -> bool:
+    return _tiled_forced
+
+
 @cache
 def lib():
     """The llama_cpp module, imported once, with its log captured and the backend initialised."""
-    os.environ["GGML_CPU_TILED_MM"] = "0"  # see BATCH_VARIANT_TYPE_PREFIXES
+    if not _tiled_forced:  # see BATCH_VARIANT_TYPE_PREFIXES
+        os.environ["GGML_CPU_TILED_MM"] = "0"
     import llama_cpp
 
     @llama_cpp.llama_log_callback

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
         "auto", description="auto: llama.cpp's faster repacked weights, with steps padded where a model's types "
                             "need it to stay exact (with one slot, such weights stay as stored); off: weights "
                             "as stored (see the README's figures).")
+    tiled_matmul: Literal["auto", "off"] = Field(
+        "auto", description="auto: with repacked weights and 16 slots or more, llama.cpp's tiled matmul forced for "
+                            "the weights not repacked (exact; faster for large classes, see the README); off: "
+                            "never.")
     kv_cache_type: Literal[tuple(KV_TYPES)] = Field(  # Literal of a tuple: one of its items
         DEFAULT_KV_TYPE, description="The KV cache (engine/kv_cache.py): f16-bf16, f16 keys and bf16 values; f16, "
                                      "both f16 (a student alone deep in a conversation is slower); q8_0, about "

@@ -6,7 +6,10 @@ import asyncio
 import dataclasses
 import gc
 import itertools
+import json
 import os
+import subprocess
+import sys
 import time
 
 import psutil
@@ -643,6 +646,83 @@ def test_one_slot_sends_every_row_of_repacked_k_quants_through_one_kernel(requan
         assert asyncio.run(run(cold, conversation(cold, second)))[0] == follow_up
     finally:
         cold.close()
+
+
+# A class of TILED_MIN_SLOTS in a process of its own (ggml reads its tiled-matmul switches once per process):
+# each question alone, then all together; and, on a context of as many slots, hashes of one row's logits in
+# steps of 4, 8 and 16 rows, whose Q6_K multiplications the tiled kernel takes at every row count when forced,
+# at 8 rows or more when on (ggml's default), and never when off.
+_CLASS = r"""
+import asyncio, ctypes, hashlib, json, sys
+from pathlib import Path
+from parrot_edge import llamacpp
+from parrot_edge.api.chat_template import render_chat
+from parrot_edge.engine.context import TILED_MIN_SLOTS, context_params
+from parrot_edge.engine.requests import Finished, Request
+from parrot_edge.engine.sampling import SamplingParams
+from parrot_edge.engine.scheduler import Engine
+path, tiled, questions = Path(sys.argv[1]), sys.argv[2] == "forced", json.loads(sys.argv[3])
+engine = Engine(path, name="q4_k_m", slots=TILED_MIN_SLOTS, ctx_per_slot=256, prefill_chunk=64, tiled=tiled)
+async def answer(question):
+    info = engine.info
+    text = render_chat(info.chat_template, [{"role": "user", "content": question}], bos_token=info.bos_text,
+                       eos_token=info.eos_text)
+    prompt = engine.tokenize(text, add_special=False)
+    generation = engine.submit(Request(prompt=prompt, sampling=SamplingParams(temperature=0), max_tokens=24))
+    parts = []
+    while not isinstance(event := await generation.events.get(), Finished):
+        parts.append(event.text)
+    return "".join(parts)
+async def together():
+    return await asyncio.gather(*(answer(q) for q in questions))
+alone = [asyncio.run(answer(q)) for q in questions]
+result = {"tiled": engine.context.tiled, "repack": engine.context.repack, "alone": alone,
+          "together": asyncio.run(together()), "errors": engine.stats.decode_errors}
+engine.close()
+llama = llamacpp.lib()
+model = llamacpp.load_model(path)
+ctx = llama.llama_init_from_model(model, context_params(llama, slots=TILED_MIN_SLOTS, ctx_per_slot=64,
+                                                         prefill_chunk=64))
+n_vocab, memory = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model)), llama.llama_get_memory(ctx)
+batch = llamacpp.Batch(2 * TILED_MIN_SLOTS)
+def decode(runs, logits):
+    batch.clear()
+    for tokens, first, seq in runs:
+        batch.add(tokens, first, seq, logits=logits)
+    assert llama.llama_decode(ctx, batch.raw) == 0
+for seq in range(TILED_MIN_SLOTS):
+    decode([(list(range(300 + 8 * seq, 308 + 8 * seq)), 0, seq)], logits=False)
+result["logits"] = {}
+for rows in (4, 8, TILED_MIN_SLOTS):  # a padded step of `rows` students: sequence 0's next token, with company
+    decode([([500 + seq], 8, seq) for seq in range(rows)], logits=True)
+    logits = ctypes.string_at(llama.llama_get_logits_ith(ctx, 0), 4 * n_vocab)
+    result["logits"][rows] = hashlib.sha1(logits).hexdigest()
+    for seq in range(rows):
+        llama.llama_memory_seq_rm(memory, seq, 8, -1)
+print(json.dumps(result))
+"""
+
+
+def test_a_large_class_forces_the_tiled_matmul_and_stays_exact(requantized_gguf):
+    """A server of TILED_MIN_SLOTS slots over padded repacked Q4_K weights forces ggml's tiled matmul for the
+    Q6_K weights (llamacpp.force_tiled_matmul): answers in company equal answers alone, and the forced kernel is
+    really the one multiplying (its logits differ from vec_dot's, which a process without it runs)."""
+    path = requantized_gguf("q4_k_m")
+    if llamacpp.repack_policy(path) != "padded":
+        pytest.skip("Q4_K weights are repacked (and steps padded) only on x86")
+
+    def run_class(tiled: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", _CLASS, str(path), tiled, json.dumps(QUESTIONS)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    forced, off = run_class("forced"), run_class("off")
+    assert forced["tiled"] and not off["tiled"] and forced["repack"] == "padded"
+    assert forced["together"] == forced["alone"] and forced["errors"] == 0
+    assert all(forced["alone"])
+    assert len(set(forced["logits"].values())) == 1, forced["logits"]  # a row's logits do not depend on its company
+    assert forced["logits"] != off["logits"], "forcing the tiled matmul changed no multiplication"
 
 
 def test_llama_threads_default_to_the_cpus_this_process_may_use():

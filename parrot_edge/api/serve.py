@@ -25,7 +25,7 @@ def serve_command(args) -> int:
         return Engine(model.path, name=model.name, slots=plan.slots, ctx_per_slot=plan.ctx_per_slot,
                       threads=settings.threads, prefill_chunk=settings.prefill_chunk, queue_size=settings.queue_size,
                       shelf_bytes=ready.shelf_bytes, kv_type=settings.kv_cache_type,
-                      repack=settings.repacked_weights == "auto")
+                      repack=settings.repacked_weights == "auto", tiled=settings.tiled_matmul == "auto")
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(f"parrot-edge: serving {model.name} on http://{settings.host}:{settings.port}/v1\n  memory plan: "

@@ -272,8 +272,13 @@ _RAW = r"""
 import ctypes, json, sys, time
 from pathlib import Path
 from parrot_edge import llamacpp
-from parrot_edge.engine.context import context_params
+from parrot_edge.engine.context import context_params, forces_tiled
 path, n, steps, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+from parrot_edge.settings import load_settings
+settings = load_settings()  # the tiled matmul as a server of n slots has it, under the same settings
+allow = settings.repacked_weights == "auto"
+if settings.tiled_matmul == "auto" and forces_tiled(llamacpp.repack_policy(path, allow=allow), n):
+    llamacpp.force_tiled_matmul()
 llama = llamacpp.lib()
 model = llamacpp.load_model(path)
 ctx = llama.llama_init_from_model(model, context_params(llama, slots=n, ctx_per_slot=1024, prefill_chunk=256,

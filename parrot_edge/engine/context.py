@@ -31,6 +31,14 @@ UBATCH_ROWS = 256
 # against 16.2-17.5 as stored; a prompt's last logits equal those of its tokens evaluated one by one (with
 # 256-row micro-batches they differ).
 GEMV_UBATCH_ROWS = ROW_GROUP - 1
+# A server of this many slots or more over padded repacked weights forces ggml's tiled matmul for the weights it
+# does not repack (llamacpp.force_tiled_matmul; in a Q4_K_M file the Q6_K ones). Measured on ParrotAI-1.1B's shape
+# as Q4_K_M (2-core AVX-512 EPYC, `bench classroom --model-shape tiny_LLaMA_1b --requests 2 --tokens 64`, two
+# runs alternated): 16 students 103.3 and 109.5 tok/s forced, 89.0 and 88.9 off (0.95x and 0.98x llama-server
+# in the same runs, against 0.86x and 0.92x); 8 students 72.2 and 80.7 forced, 73.5 and 68.3 off (1.03x and
+# 0.98x llama-server, against 1.03x and 1.05x): no gain there, and a step of 4 rows (a student alone) costs
+# 71-81 ms forced against 50-67 off, so smaller classes keep it off.
+TILED_MIN_SLOTS = 16
 MAX_SLOTS = 64  # every slot's next token fits in one micro-batch, twice over
 # Rows of a step asking for logits, at most, per slot: a padded step's four (padding.py), else a row and a guess.
 # llama.cpp sizes its logits buffers by it (n_outputs_max; by default a whole batch: for ParrotAI-1.1B's 32,000
@@ -75,9 +83,15 @@ def context_params(llama, *, slots: int, ctx_per_slot: int, prefill_chunk: int, 
     return params
 
 
+def forces_tiled(repack: str, slots: int) -> bool:
+    """Whether a context of this repack policy and slots forces the tiled matmul (see TILED_MIN_SLOTS)."""
+    return repack == "padded" and slots >= TILED_MIN_SLOTS
+
+
 class LlamaContext:
     def __init__(self, model_path: Path, *, slots: int, ctx_per_slot: int, prefill_chunk: int,
-                 threads: int | None = None, kv_type: str = DEFAULT_KV_TYPE, repack: bool = True):
+                 threads: int | None = None, kv_type: str = DEFAULT_KV_TYPE, repack: bool = True,
+                 tiled: bool = False):
         self.lib = llama = llamacpp.lib()
         policy = llamacpp.repack_policy(model_path, allow=repack)  # "exact", "padded" or "off"
         # Padded steps pay only where a step holds several students; with one slot, three of every four rows
@@ -85,6 +99,9 @@ class LlamaContext:
         # cached conversation must answer what it answers cold), so it sends every row through the repacked
         # gemv kernel instead: micro-batches of GEMV_UBATCH_ROWS (see the constant).
         self.repack = "gemv" if policy == "padded" and slots == 1 else policy
+        if tiled and forces_tiled(self.repack, slots):
+            llamacpp.force_tiled_matmul()
+        self.tiled = llamacpp.tiled_matmul_forced()  # the process's, whoever forced it
         self.model = llamacpp.load_model(model_path, repack=self.repack != "off")
         self.vocab = llama.llama_model_get_vocab(self.model)
         params = context_params(llama, slots=slots, ctx_per_slot=ctx_per_slot, prefill_chunk=prefill_chunk,

@@ -68,9 +68,10 @@ BURST_WINDOW = 0.010
 class Engine:
     def __init__(self, model_path: Path, *, name: str, slots: int, ctx_per_slot: int, threads: int | None = None,
                  prefill_chunk: int = 256, queue_size: int = 64, shelf_bytes: int = 64 * 2**20,
-                 kv_type: str = DEFAULT_KV_TYPE, repack: bool = True, verify_cells: bool = False):
-        self.context = LlamaContext(model_path, slots=slots, ctx_per_slot=ctx_per_slot,
-                                    prefill_chunk=prefill_chunk, threads=threads, kv_type=kv_type, repack=repack)
+                 kv_type: str = DEFAULT_KV_TYPE, repack: bool = True, tiled: bool = False,
+                 verify_cells: bool = False):
+        self.context = LlamaContext(model_path, slots=slots, ctx_per_slot=ctx_per_slot, prefill_chunk=prefill_chunk,
+                                    threads=threads, kv_type=kv_type, repack=repack, tiled=tiled)
         self.info = self.context.facts(name, model_path)
         self.control_texts = self.context.control_token_texts()  # what message text must never become
         self.slots_total = slots
